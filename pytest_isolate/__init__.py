@@ -1,0 +1,3 @@
+"""pytest-isolate: run pytest tests in real Linux containers, without a daemon."""
+
+__version__ = "0.1.0"

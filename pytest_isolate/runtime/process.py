@@ -1,0 +1,53 @@
+"""Process hygiene: parent-death signals, sessions, inherited file descriptors."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from . import syscalls
+
+
+def die_with_parent(expected_parent: int) -> None:
+    """SIGKILL this process when its parent dies, so no container outlives its owner.
+
+    The check after prctl closes the race where the parent died before the call.
+    """
+    syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != expected_parent:
+        os._exit(137)
+
+
+def open_fds() -> list[int]:
+    try:
+        return [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc yet: fall back to the soft limit
+        return list(range(os.sysconf("SC_OPEN_MAX")))
+
+
+def close_fds_except(keep: set[int]) -> None:
+    for fd in open_fds():
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def new_session() -> None:
+    """Leave the caller's session: no controlling terminal, so TIOCSTI cannot reach it."""
+    try:
+        os.setsid()
+    except OSError:  # already a session leader
+        pass
+
+
+def describe_wait_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return f"killed by signal {sig} ({name})"
+    return f"exited with status {os.WEXITSTATUS(status)}"

@@ -1,0 +1,144 @@
+"""Thin ctypes wrappers for the Linux system calls the runtime needs.
+
+Only the standard library is used, so this module (like the rest of ``runtime``)
+can run in the container host and in a bare forked child without pytest.
+Every wrapper raises ``OSError`` with the errno and a description of the call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+# <sched.h>
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+# <sys/mount.h>
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+MS_SLAVE = 0x80000
+MNT_DETACH = 0x2
+
+# <sys/prctl.h>
+PR_SET_PDEATHSIG = 1
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_GET_NO_NEW_PRIVS = 39
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+# x86_64 and aarch64 system call numbers for calls glibc has no wrapper for.
+_SYSCALLS = {
+    "x86_64": {"pivot_root": 155, "capset": 126},
+    "aarch64": {"pivot_root": 41, "capset": 91},
+}
+_NR = _SYSCALLS.get(os.uname().machine, _SYSCALLS["x86_64"])
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+def _b(path: str | None) -> bytes | None:
+    return None if path is None else os.fsencode(path)
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(ctypes.c_int(flags)), f"unshare({describe_flags(flags)})")
+
+
+def mount(
+    source: str | None,
+    target: str,
+    fstype: str | None = None,
+    flags: int = 0,
+    data: str | None = None,
+) -> None:
+    result = _libc.mount(
+        _b(source), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data)
+    )
+    _check(result, f"mount {fstype or source or ''} on {target}")
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    _check(_libc.umount2(_b(target), ctypes.c_int(flags)), f"umount {target}")
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    result = _libc.syscall(
+        ctypes.c_long(_NR["pivot_root"]), _b(new_root), _b(put_old)
+    )
+    _check(result, f"pivot_root({new_root}, {put_old})")
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0) -> int:
+    result = _libc.prctl(
+        ctypes.c_int(option),
+        ctypes.c_ulong(arg2),
+        ctypes.c_ulong(arg3),
+        ctypes.c_ulong(0),
+        ctypes.c_ulong(0),
+    )
+    return _check(result, f"prctl({option})")
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def capset(effective: int, permitted: int, inheritable: int) -> None:
+    """Set the three capability sets of the calling thread (64-bit masks)."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    for i, shift in enumerate((0, 32)):
+        data[i].effective = (effective >> shift) & 0xFFFFFFFF
+        data[i].permitted = (permitted >> shift) & 0xFFFFFFFF
+        data[i].inheritable = (inheritable >> shift) & 0xFFFFFFFF
+    result = _libc.syscall(
+        ctypes.c_long(_NR["capset"]), ctypes.byref(header), ctypes.byref(data)
+    )
+    _check(result, "capset")
+
+
+_FLAG_NAMES = {
+    CLONE_NEWUSER: "user",
+    CLONE_NEWNS: "mount",
+    CLONE_NEWPID: "pid",
+    CLONE_NEWNET: "net",
+    CLONE_NEWUTS: "uts",
+    CLONE_NEWIPC: "ipc",
+    CLONE_NEWCGROUP: "cgroup",
+}
+
+
+def describe_flags(flags: int) -> str:
+    names = [name for bit, name in _FLAG_NAMES.items() if flags & bit]
+    return "|".join(names) or hex(flags)
