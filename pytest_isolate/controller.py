@@ -1,0 +1,210 @@
+"""The controller side: container hosts reached through execnet, and the replay of
+what their containers report as ordinary pytest reports."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+import warnings
+from typing import Any
+
+import execnet
+import pytest
+
+from . import images, remote
+from .replay import Replay
+from .options import Settings
+from .runtime import launch, rootfs
+
+# Options that must differ in a container host (xdist's remote does the same).
+HOST_OPTION_OVERRIDES = {
+    "usepdb": False, "trace": False, "dist": "no", "numprocesses": None, "tx": [],
+    "looponfail": False, "basetemp": None, "xmlpath": None,
+}
+
+
+class HostError(Exception):
+    """A container host could not start; the message says why and what to do."""
+
+
+def _plain_options(option_namespace) -> dict[str, Any]:
+    """The parsed options as builtin values that execnet can carry."""
+    result = {}
+    for key, value in vars(option_namespace).items():
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        elif isinstance(value, (list, tuple)):
+            value = [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value]
+        try:
+            execnet.dumps(value)
+        except execnet.DumpError:
+            continue
+        result[key] = value
+    result.update(HOST_OPTION_OVERRIDES)
+    return result
+
+
+def _absolute_arg(arg: str, base: str) -> str:
+    path, sep, rest = arg.partition("::")
+    return os.path.join(base, path) + sep + rest if path and not os.path.isabs(path) else arg
+
+
+class ContainerHost:
+    """One container host: an execnet gateway whose interpreter sits in the image."""
+
+    def __init__(self, controller: "Controller", mode: str, image: str, sources: list[dict]) -> None:
+        self.controller = controller
+        self.mode = mode
+        config = controller.config
+        invocation_dir = str(config.invocation_params.dir)
+        rootdir = str(config.rootpath)
+        project = [rootdir] + ([str(config.inipath)] if config.inipath else [])
+        if invocation_dir == rootdir or invocation_dir.startswith(rootdir + os.sep):
+            self.cwd = invocation_dir
+        else:
+            self.cwd = rootdir
+        self.entries = images.host_image(project)
+        self.sources = sources
+        base = rootdir if config.args_source == pytest.Config.ArgsSource.TESTPATHS else invocation_dir
+        self.args = [_absolute_arg(a, base) for a in config.args]
+        self.start_seconds = 0.0
+        self.collected = 0
+        self.gateway = None
+        self.channel = None
+
+    def start(self) -> None:
+        started = time.perf_counter()
+        spec = {"entries": self.entries, "sources": self.sources, "cwd": self.cwd, "hostname": "isolated"}
+        xspec = execnet.XSpec("popen")
+        xspec.python = launch.launcher_command(spec, sys.executable)
+        self.gateway = self.controller.group.makegateway(xspec)
+        self.channel = self.gateway.remote_exec(remote)
+        config = self.controller.config
+        self.channel.send(("start", {
+            "entries": self.entries, "args": self.args, "option_dict": _plain_options(config.option),
+            "workerinput": self.controller.workerinput, "sys_path": list(sys.path),
+            "collect": self.mode == "fork",
+        }))
+        name, data = self._receive()
+        if name == "host_error":
+            raise HostError(
+                f"the container host could not be built: {data['message']}\n"
+                "Run `python -m pytest_isolate doctor` to see what this machine offers."
+            )
+        if name != "ready":
+            raise HostError(f"the container host answered {name!r} instead of starting")
+        self.collected = data.get("collected", 0)
+        self.start_seconds = time.perf_counter() - started
+
+    def _receive(self, timeout: float | None = None) -> tuple[str, dict]:
+        try:
+            return self.channel.receive(timeout)
+        except (EOFError, OSError, execnet.RemoteError, execnet.TimeoutError) as exc:
+            raise HostError(f"lost the link to the container host: {type(exc).__name__}: "
+                            f"{str(exc).strip().splitlines()[-1:] or ''}") from None
+
+    def run(self, nodeid: str, settings: Settings, fresh_arg: str):
+        """Send one test and yield its events; the last one is ("done", {...})."""
+        mounts = [
+            {"type": "bind", "dst": m.dst, "stage_src": rootfs.source_path(self.controller.source_index(m)),
+             "ro": m.readonly}
+            for m in settings.mounts
+        ]
+        self.channel.send(("run", {
+            "nodeid": nodeid, "mode": settings.mode, "timeout": settings.timeout, "fresh_arg": fresh_arg,
+            "container_config": {"hostname": settings.hostname, "env": dict(settings.env),
+                                 "mounts": mounts, "cwd": self.cwd},
+        }))
+        # The host enforces the timeout; this only guards against a host that hangs.
+        watchdog = None if settings.timeout is None else settings.timeout + 60
+        while True:
+            name, data = self._receive(watchdog)
+            yield name, data
+            if name == "done":
+                return
+
+    def close(self) -> None:
+        if self.channel is not None:
+            try:
+                self.channel.send(("shutdown", {}))
+                self.channel.waitclose(10)
+            except Exception:
+                pass
+
+
+class Controller:
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.group = execnet.Group()
+        self.hosts: dict[tuple[str, str], ContainerHost] = {}
+        self.failed_hosts: dict[tuple[str, str], str] = {}
+        self.sources: list[dict] = []
+        self._source_index: dict[tuple[str, bool], int] = {}
+        self.workerinput = dict(getattr(config, "workerinput", None) or {
+            "workerid": "master", "workercount": 1, "testrunuid": uuid.uuid4().hex,
+        })
+        self.workerinput["isolate_host"] = True
+        self.tests_run = 0
+
+    def plan(self, planned: list[tuple[pytest.Item, Settings]]) -> None:
+        """Learn every mount source up front: hosts bind them when they start."""
+        for _, settings in planned:
+            for mount in settings.mounts:
+                self.source_index(mount)
+
+    def source_index(self, mount) -> int:
+        key = (mount.src, mount.readonly)
+        if key not in self._source_index:
+            self._source_index[key] = len(self.sources)
+            self.sources.append({"src": mount.src, "ro": mount.readonly})
+        return self._source_index[key]
+
+    def host_for(self, settings: Settings) -> ContainerHost:
+        key = (settings.mode, settings.image)
+        if key in self.failed_hosts:
+            raise HostError(self.failed_hosts[key])
+        host = self.hosts.get(key)
+        if host is None:
+            host = ContainerHost(self, settings.mode, settings.image, self.sources)
+            try:
+                host.start()
+            except HostError as exc:
+                self.failed_hosts[key] = str(exc)
+                raise
+            self.hosts[key] = host
+        return host
+
+    def run(self, item: pytest.Item, nextitem: pytest.Item | None, settings: Settings) -> None:
+        replay = Replay(item, settings)
+        try:
+            host = self.host_for(settings)
+            for name, data in host.run(item.nodeid, settings, self._fresh_arg(item)):
+                replay.handle(name, data)
+        except HostError as exc:
+            self.hosts.pop((settings.mode, settings.image), None)
+            replay.host_failed(str(exc))
+        replay.finish()
+        replay.teardown_controller_side(nextitem)
+        self.tests_run += 1
+
+    def _fresh_arg(self, item: pytest.Item) -> str:
+        path, _, rest = item.nodeid.partition("::")
+        return str(self.config.rootpath / path) + ("::" + rest if rest else "")
+
+    def summary_lines(self) -> list[str]:
+        lines = [
+            f"container host ({mode} mode, image {image}): started in {host.start_seconds:.2f}s, "
+            f"{host.collected} tests collected"
+            for (mode, image), host in self.hosts.items()
+        ]
+        lines += [f"container host ({m}, {i}) failed: {why}" for (m, i), why in self.failed_hosts.items()]
+        return lines
+
+    def shutdown(self) -> None:
+        for host in self.hosts.values():
+            host.close()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.group.terminate(timeout=5)

@@ -1,0 +1,142 @@
+"""The pytest side: options, the ``isolated`` marker, and the hooks that hand tests to
+container hosts (``controller.py``) and replay what comes back."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+from . import options as opts
+
+MARKER = "isolated"
+settings_key = pytest.StashKey[opts.Settings]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("isolate", "run tests in containers (pytest-isolate)")
+    group.addoption("--isolate", action="store_true", default=None,
+                    help="run every test in a fresh container, as if marked "
+                    "@pytest.mark.isolated")
+    parser.addini("isolate", type="bool", default=False,
+                  help="run every test in a fresh container (like --isolate)")
+    for option in opts.OPTIONS:
+        group.addoption(option.flag, dest=f"isolate_{option.name}", metavar=option.metavar,
+                        action="append" if option.multiple else "store", default=None,
+                        help=option.help)
+        parser.addini(option.ini, help=option.help, type="linelist" if option.multiple else "string",
+                      default=[] if option.multiple else None)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{MARKER}(**options): run this test in a fresh container. Options: "
+        + ", ".join(o.name for o in opts.OPTIONS) + " (see `pytest --help`, group isolate).",
+    )
+    workerinput = getattr(config, "workerinput", {})
+    if workerinput.get("isolate_host"):
+        return  # inside a container host: tests already run in containers here
+    from .controller import Controller
+
+    config.pluginmanager.register(IsolatePlugin(config, Controller(config)), "isolate-controller")
+
+
+class IsolatePlugin:
+    def __init__(self, config: pytest.Config, controller) -> None:
+        self.config = config
+        self.controller = controller
+        self.isolate_all = bool(config.getoption("isolate") or config.getini("isolate"))
+        self.base_layers = [self._ini_layer(), self._cli_layer()]
+        self.isolated_count = 0
+
+    # -- option layers -----------------------------------------------------------------
+
+    def _parse(self, option: opts.Option, value: Any, base: str, where: str) -> Any:
+        try:
+            return option.parse(value, base)
+        except opts.OptionError as exc:
+            raise pytest.UsageError(f"{where}: invalid {option.name!r}: {exc}") from None
+
+    def _ini_layer(self) -> dict[str, Any]:
+        inipath = self.config.inipath
+        base = str(inipath.parent) if inipath else str(self.config.rootpath)
+        layer = {}
+        for option in opts.OPTIONS:
+            value = self.config.getini(option.ini)
+            if value not in (None, [], ""):
+                layer[option.name] = self._parse(option, value, base, f"ini key {option.ini} in {inipath}")
+        return layer
+
+    def _cli_layer(self) -> dict[str, Any]:
+        base = str(self.config.invocation_params.dir)
+        layer = {}
+        for option in opts.OPTIONS:
+            value = self.config.getoption(f"isolate_{option.name}")
+            if value is not None:
+                layer[option.name] = self._parse(option, value, base, f"command line {option.flag}")
+        return layer
+
+    def _marker_layers(self, item: pytest.Item) -> list[dict[str, Any]] | None:
+        markers = list(item.iter_markers(MARKER))
+        if not markers and not self.isolate_all:
+            return None
+        base = os.path.dirname(str(item.path))
+        layers = []
+        for marker in reversed(markers):  # the closest marker (the function's) wins
+            where = f"{item.nodeid}: @pytest.mark.{MARKER}"
+            if marker.args:
+                raise pytest.UsageError(
+                    f"{where} takes keyword options only, got positional {marker.args!r}; "
+                    f"accepted keywords: {', '.join(opts.BY_NAME)}"
+                )
+            layer = {}
+            for key, value in marker.kwargs.items():
+                option = opts.BY_NAME.get(key)
+                if option is None:
+                    raise pytest.UsageError(
+                        f"{where} got an unknown keyword {key!r}; accepted: {', '.join(opts.BY_NAME)}"
+                    )
+                layer[key] = self._parse(option, value, base, where)
+            layers.append(layer)
+        return layers
+
+    # -- hooks -----------------------------------------------------------------------
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        isolated = []
+        for item in items:
+            layers = self._marker_layers(item)
+            if layers is not None:
+                item.stash[settings_key] = opts.merge(self.base_layers + layers)
+                isolated.append(item)
+        self.isolated_count = len(isolated)
+        self.controller.plan([(item, item.stash[settings_key]) for item in isolated])
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None):
+        settings = item.stash.get(settings_key, None)
+        if settings is None:
+            return None
+        item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        self.controller.run(item, nextitem, settings)
+        item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+        return True
+
+    def pytest_report_header(self, config: pytest.Config) -> str | None:
+        if not self.isolate_all:
+            return None
+        who = "rootless" if os.geteuid() != 0 else "root (container root is an unprivileged uid)"
+        return f"isolate: every test in a container ({who})"
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        lines = self.controller.summary_lines()
+        if lines:
+            terminalreporter.write_sep("-", "pytest-isolate")
+            for line in lines:
+                terminalreporter.write_line(line)
+
+    def pytest_sessionfinish(self) -> None:
+        self.controller.shutdown()
