@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import stat
+import struct
 import sys
 import textwrap
 from dataclasses import asdict, dataclass, field
@@ -93,45 +94,40 @@ def _self_map() -> None:
     """Enter new user + mount namespaces as root, mapped onto the caller's own ids."""
     uid, gid = os.geteuid(), os.getegid()
     syscalls.unshare(syscalls.CLONE_NEWUSER | syscalls.CLONE_NEWNS)
-    for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+    for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"),
+                       ("gid_map", f"0 {gid} 1")):
         with open(f"/proc/self/{name}", "w") as f:
             f.write(text)
 
 
 # -- 1. user namespaces ---------------------------------------------------------------
 
-KNOBS = {
-    "max_user_namespaces": "/proc/sys/user/max_user_namespaces",
-    "unprivileged_userns_clone": "/proc/sys/kernel/unprivileged_userns_clone",
-    "apparmor_restrict_unprivileged_userns":
-        "/proc/sys/kernel/apparmor_restrict_unprivileged_userns",
-}
+# (sysctl file, the value that blocks unprivileged user namespaces, why, the fix)
+KNOBS = (
+    ("/proc/sys/user/max_user_namespaces", 0, "user.max_user_namespaces is 0",
+     "sudo sysctl -w user.max_user_namespaces=15000"),
+    ("/proc/sys/kernel/unprivileged_userns_clone", 0,
+     "kernel.unprivileged_userns_clone is 0 (Debian's switch)",
+     "sudo sysctl -w kernel.unprivileged_userns_clone=1"),
+    ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", 1,
+     "kernel.apparmor_restrict_unprivileged_userns is 1 (Ubuntu 23.10+): AppArmor "
+     "denies unconfined unprivileged programs every capability in a new user namespace, "
+     "so writing its uid map or mounting fails (EPERM)",
+     "sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0 (persist it in "
+     "/etc/sysctl.d/), or an AppArmor profile with a 'userns,' rule for this Python"),
+)
 
 
 def _blockers() -> tuple[str, str]:
     """(what blocks user namespaces for unprivileged users, the fix); empty if nothing."""
-    knobs = {key: _read_int(path) for key, path in KNOBS.items()}
-    found = []
-    if knobs["max_user_namespaces"] == 0:
-        found.append(("user.max_user_namespaces is 0",
-                      "sudo sysctl -w user.max_user_namespaces=15000"))
-    if knobs["unprivileged_userns_clone"] == 0:
-        found.append(("kernel.unprivileged_userns_clone is 0 (Debian's switch)",
-                      "sudo sysctl -w kernel.unprivileged_userns_clone=1"))
-    if knobs["apparmor_restrict_unprivileged_userns"] == 1:
-        found.append((
-            "kernel.apparmor_restrict_unprivileged_userns is 1 (Ubuntu 23.10+): AppArmor "
-            "lets unprivileged programs create a user namespace but strips every capability "
-            "in it, so the container's mounts fail",
-            "sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0 (persist it in "
-            "/etc/sysctl.d/), or an AppArmor profile with a 'userns,' rule for this Python"))
-    return "; ".join(b for b, _ in found), "; ".join(f for _, f in found)
+    found = [(why, fix) for path, bad, why, fix in KNOBS if _read_int(path) == bad]
+    return "; ".join(why for why, _ in found), "; ".join(fix for _, fix in found)
 
 
 def check_user_namespaces() -> Result:
     root = os.geteuid() == 0
     blocked, unblock = _blockers()
-    details: dict = {"knobs": {k: _read_int(p) for k, p in KNOBS.items()},
+    details: dict = {"knobs": {os.path.basename(k[0]): _read_int(k[0]) for k in KNOBS},
                      "root": root, "rootless": not root}
     if root:
         (uid0, count), (gid0, _) = user_ns.root_mapping()
@@ -142,12 +138,12 @@ def check_user_namespaces() -> Result:
         who = f"rootless, container root is your uid {os.geteuid()}"
     # The runtime's own entry: a self map rootless, a helper-written uid range as root.
     failure = _in_child(user_ns.enter)
-    if failure is None and not (root and blocked):
+    if failure is None and not blocked:
         return Result("user namespaces", OK, f"usable; {who}", details=details)
     if failure is None:
-        return Result("user namespaces", WARN, f"usable; {who}; unprivileged users blocked",
-                      f"runs as root work; rootless runs by other users fail: {blocked}",
-                      unblock, details)
+        return Result("user namespaces", WARN, f"usable; {who}; unprivileged use is blocked",
+                      ("runs as root work; rootless runs by other users fail: " if root else
+                       "rootless containers will fail: ") + blocked, unblock, details)
     details["error"] = message = failure[1]
     meaning = "pytest-isolate cannot create any container on this host"
     if root and _in_child(lambda: syscalls.unshare(syscalls.CLONE_NEWUSER)) is None:
@@ -191,7 +187,7 @@ def check_overlay() -> Result:
     meaning = "no copy-on-write root per test, so no container can start"
     blocked, unblock = _blockers()
     if message.startswith("unshare"):
-        fix = "make user namespaces work first (see above)"
+        fix = "make user namespaces work first (see that check)"
     elif err == errno.EPERM and blocked and os.geteuid() != 0:
         meaning, fix = f"{meaning}: {blocked}", unblock
     else:
@@ -222,16 +218,10 @@ def _cgroup_mounts() -> tuple[dict, str | None]:
 
 
 def _delegated_v2(v2: str) -> str | None:
-    """The topmost cgroup the caller owns on the way up from its own, or its systemd one."""
-    uid, found = os.geteuid(), None
-    own = next((line[3:].strip() for line in open("/proc/self/cgroup")
-                if line.startswith("0::")), "/")
-    while own != "/" and os.path.isdir(v2 + own) and os.stat(v2 + own).st_uid == uid:
-        found, own = v2 + own, os.path.dirname(own)
+    """systemd's delegated subtree for the caller (user@UID.service), if the caller owns it."""
+    uid = os.geteuid()
     service = f"{v2}/user.slice/user-{uid}.slice/user@{uid}.service"
-    if found is None and os.path.isdir(service) and os.stat(service).st_uid == uid:
-        found = service
-    return found
+    return service if os.path.isdir(service) and os.stat(service).st_uid == uid else None
 
 
 def check_cgroups() -> Result:
@@ -283,17 +273,9 @@ def check_cgroups() -> Result:
 
 # -- 4. seccomp -----------------------------------------------------------------------
 
-class _SockFilter(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8),
-                ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
-
-
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
-
-
 def _load_allow_all_filter() -> None:
-    program = _SockFprog(1, (_SockFilter * 1)(_SockFilter(0x06, 0, 0, 0x7FFF0000)))  # ALLOW
+    insn = ctypes.create_string_buffer(struct.pack("HBBI", 0x06, 0, 0, 0x7FFF0000))  # ALLOW
+    program = ctypes.create_string_buffer(struct.pack("HP", 1, ctypes.addressof(insn)))
     syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
     syscalls.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(program))
 

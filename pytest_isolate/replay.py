@@ -68,6 +68,10 @@ class Replay:
     def handle(self, name: str, data: dict) -> None:
         if name == "report":
             report = self.config.hook.pytest_report_from_serializable(config=self.config, data=data["data"])
+            context = data["data"].get("_subtest.context")
+            if context and hasattr(report, "context"):
+                # SubtestContext repr()s its kwargs again when deserialised: undo that.
+                object.__setattr__(report.context, "kwargs", dict(context["kwargs"]))
             self.seen.setdefault(report.when, report)
             self.item.ihook.pytest_runtest_logreport(report=report)
         elif name == "warning":

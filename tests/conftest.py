@@ -1,0 +1,42 @@
+"""Shared helpers: every test here runs a real pytest, whose tests run in real
+containers on this machine (no mocks of the kernel)."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+IS_ROOT = os.geteuid() == 0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "needs_root: runs only when pytest runs as root")
+    config.addinivalue_line("markers", "rootless_lane: re-runs the suite as an unprivileged user")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("needs_root") and not IS_ROOT:
+            item.add_marker(pytest.mark.skip(reason="needs pytest to run as root"))
+
+
+@pytest.fixture
+def run(pytester: pytest.Pytester):
+    """Run pytest in a subprocess in the pytester directory; extra args pass through."""
+
+    def run(*args: str, timeout: float = 180) -> pytest.RunResult:
+        return pytester.runpytest_subprocess("-p", "no:cacheprovider", *args, timeout=timeout)
+
+    return run
+
+
+def outcome_counts(result: pytest.RunResult) -> dict[str, int]:
+    """The counts of the final summary line, e.g. {'passed': 3, 'failed': 1}."""
+    for line in reversed(result.outlines):
+        if line.startswith("=") and (" in " in line):
+            return {word: int(num) for num, word in re.findall(r"(\d+) (\w+)", line)}
+    return {}
