@@ -33,6 +33,8 @@ def _plain_options(option_namespace) -> dict[str, Any]:
     """The parsed options as builtin values that execnet can carry."""
     result = {}
     for key, value in vars(option_namespace).items():
+        if key == "file_or_dir":  # positional: given as args, argparse warns otherwise
+            continue
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
         elif isinstance(value, (list, tuple)):
@@ -70,6 +72,7 @@ class ContainerHost:
         base = rootdir if config.args_source == pytest.Config.ArgsSource.TESTPATHS else invocation_dir
         self.args = [_absolute_arg(a, base) for a in config.args]
         self.start_seconds = 0.0
+        self.notes: list[str] = []
         self.collected = 0
         self.gateway = None
         self.channel = None
@@ -96,6 +99,7 @@ class ContainerHost:
         if name != "ready":
             raise HostError(f"the container host answered {name!r} instead of starting")
         self.collected = data.get("collected", 0)
+        self.notes = data.get("notes", [])
         self.start_seconds = time.perf_counter() - started
 
     def _receive(self, timeout: float | None = None) -> tuple[str, dict]:
@@ -199,6 +203,7 @@ class Controller:
             f"{host.collected} tests collected"
             for (mode, image), host in self.hosts.items()
         ]
+        lines += [f"  note: {note}" for host in self.hosts.values() for note in host.notes]
         lines += [f"container host ({m}, {i}) failed: {why}" for (m, i), why in self.failed_hosts.items()]
         return lines
 

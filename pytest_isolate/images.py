@@ -61,12 +61,15 @@ def host_image(project_paths: Iterable[str]) -> list[dict]:
         elif os.path.isdir(top):
             entries.append({"type": "bind", "dst": top, "src": top, "ro": True})
     covered = [e["dst"] for e in entries if e["type"] == "bind"]
-    for path in _covering(list(covered) + python_paths() + list(project_paths)):
+    project = _covering(project_paths)
+    for path in _covering(list(covered) + python_paths() + project):
         if path in covered or path in NOT_BINDABLE:
             continue
         if any(path == p or path.startswith(p + "/") for p in ("/proc", "/sys", "/dev")):
             continue
-        entries.append({"type": "bind", "dst": path, "src": path, "ro": True})
+        # The project's files belong to whoever runs pytest: idmapped, they belong
+        # to container root too when that is root (see rootfs.build_stage).
+        entries.append({"type": "bind", "dst": path, "src": path, "ro": True, "idmap": path in project})
     entries += [
         {"type": "proc", "dst": "/proc"},
         {"type": "tmpfs", "dst": "/tmp", "mode": "1777"},

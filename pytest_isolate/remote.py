@@ -31,6 +31,7 @@ import pytest
 from pytest_isolate.runtime import container, events
 
 HOST_ERROR_ENV = "PYTEST_ISOLATE_HOST_ERROR"
+HOST_NOTES_ENV = "PYTEST_ISOLATE_HOST_NOTES"
 JOB_ENV = "PYTEST_ISOLATE_JOB"
 # How long after the timeout (when faulthandler dumps the stack) the container dies.
 KILL_GRACE = 0.25
@@ -154,6 +155,7 @@ class Host(ContainerReporter):
         self.channel.send(("ready", {
             "collected": len(self.items), "pid": os.getpid(),
             "seconds": time.perf_counter() - self.started,
+            "notes": json.loads(os.environ.pop(HOST_NOTES_ENV, "[]")),
         }))
 
     @pytest.hookimpl(tryfirst=True)

@@ -48,7 +48,7 @@ EXIT_CONTAINER_FAILED = 125
 
 # -- the container host: once per pytest process (or xdist worker) and image --------
 
-def enter_host(spec: dict) -> None:
+def enter_host(spec: dict) -> list[str]:
     """Turn the calling single-threaded launcher into a container host.
 
     ``spec``: {"entries": image entries, "sources": user-mount sources, "cwd": str,
@@ -56,18 +56,19 @@ def enter_host(spec: dict) -> None:
     """
     process.die_with_parent(os.getppid())
     if os.geteuid() == 0:
-        # Real root builds the stage *before* entering the user namespace: only real
-        # root can open host paths such as an interpreter under /root (mode 700).
-        # Container root is an unprivileged host uid afterwards.
+        # Real root builds the stage *before* joining the user namespace: only real
+        # root can open host paths such as an interpreter under /root (mode 700) and
+        # idmap the project's binds. Container root is an unprivileged host uid after.
         owner = (user_ns.host_uid_of_container_root(), user_ns.host_gid_of_container_root())
+        userns_fd = user_ns.create_for_root()
         syscalls.unshare(syscalls.CLONE_NEWNS)
-        rootfs.build_stage(spec["entries"], spec["sources"], owner)
-        user_ns.enter()
+        notes = rootfs.build_stage(spec["entries"], spec["sources"], owner, userns_fd)
+        user_ns.join(userns_fd)
     else:
         # Rootless, the user namespace is what grants the right to mount: first.
-        user_ns.enter()
+        user_ns.enter_rootless()
         syscalls.unshare(syscalls.CLONE_NEWNS)
-        rootfs.build_stage(spec["entries"], spec["sources"], (0, 0))
+        notes = rootfs.build_stage(spec["entries"], spec["sources"], (0, 0))
     # Module-level code of test files runs in the host during collection: give it no
     # network and no host hostname or SysV IPC either.
     syscalls.unshare(HOST_NAMESPACES)
@@ -78,6 +79,7 @@ def enter_host(spec: dict) -> None:
         os.chdir(spec["cwd"])
     except OSError:
         os.chdir("/")
+    return notes
 
 
 # -- one test's container -------------------------------------------------------------

@@ -19,6 +19,7 @@ import sys
 from . import container
 
 HOST_ERROR_ENV = "PYTEST_ISOLATE_HOST_ERROR"
+HOST_NOTES_ENV = "PYTEST_ISOLATE_HOST_NOTES"
 
 
 def encode_spec(spec: dict) -> str:
@@ -43,7 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     spec = json.loads(base64.b64decode(argv[argv.index("--spec") + 1]))
     command = argv[argv.index("--exec") + 1 :]
     try:
-        container.enter_host(spec)
+        notes = container.enter_host(spec)
+        if notes:
+            os.environ[HOST_NOTES_ENV] = json.dumps(notes)
     except Exception as exc:  # reported by the remote side, see the module doc
         os.environ[HOST_ERROR_ENV] = f"{type(exc).__name__}: {exc}"
     os.execv(command[0], command)

@@ -125,14 +125,23 @@ def _tmpfs(target: str, mode: str, extra: int = 0) -> None:
     syscalls.mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV | extra, f"mode={mode}")
 
 
-def build_stage(entries: list[dict], sources: list[dict], owner: tuple[int, int]) -> None:
+def build_stage(
+    entries: list[dict], sources: list[dict], owner: tuple[int, int], userns_fd: int | None = None
+) -> list[str]:
     """Build the image stage and pivot the calling process into it.
 
     Called in the launcher, in a mount namespace of its own. ``sources`` are host
     paths that tests may bind later (``mounts=``); they wait under SOURCES.
     ``owner`` is the host uid/gid of container root: the skeleton is chowned to it so
     that overlay copy-up of its directories works inside the user namespace.
+
+    With ``userns_fd`` (pytest runs as root), binds marked ``idmap`` -- the project and
+    mount sources, not the system -- are idmapped through the container's user
+    namespace, so that files of the user who runs pytest belong to container root
+    (pytest's own temporary directories are mode 700). Returns notes on what could
+    not be done that way.
     """
+    notes: list[str] = []
     # Nothing done here may propagate back into the host's mount namespace.
     syscalls.mount(None, "/", None, MS_REC | syscalls.MS_PRIVATE)
 
@@ -140,7 +149,7 @@ def build_stage(entries: list[dict], sources: list[dict], owner: tuple[int, int]
     # may hide some of them. Binds then go through /proc/self/fd, which also pins the
     # object that was checked (no path swapped for a symlink in between).
     source_entries = [
-        {"type": "bind", "src": s["src"], "dst": source_path(i), "ro": s["ro"]}
+        {"type": "bind", "src": s["src"], "dst": source_path(i), "ro": s["ro"], "idmap": True}
         for i, s in enumerate(sources)
     ]
     fds: dict[str, int] = {}
@@ -167,8 +176,18 @@ def build_stage(entries: list[dict], sources: list[dict], owner: tuple[int, int]
                 fd = fds[entry["dst"]]
                 is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
                 _mountpoint(target, is_dir, owner)
+                readonly = entry.get("ro", kind == "bind")
+                if entry.get("idmap") and userns_fd is not None:
+                    try:
+                        attrs = syscalls.MOUNT_ATTR_NOSUID | syscalls.MOUNT_ATTR_NODEV
+                        syscalls.idmapped_bind(fd, target, userns_fd,
+                                               attrs | (syscalls.MOUNT_ATTR_RDONLY if readonly else 0))
+                        continue
+                    except OSError as exc:
+                        notes.append(f"{entry['src']} is not idmapped ({exc}): container root "
+                                     "reads it as an unprivileged uid")
                 extra = 0 if kind == "dev" else MS_NOSUID | MS_NODEV
-                _bind(f"/proc/self/fd/{fd}", target, entry.get("ro", kind == "bind"), extra)
+                _bind(f"/proc/self/fd/{fd}", target, readonly, extra)
             elif kind == "tmpfs":
                 _makedirs(target, owner)
                 _tmpfs(target, entry.get("mode", "755"))
@@ -187,6 +206,7 @@ def build_stage(entries: list[dict], sources: list[dict], owner: tuple[int, int]
     pivot_into(STAGE_ATTACH)
     # The skeleton itself is never written after this: each test writes to its overlay.
     syscalls.mount(None, "/", None, MS_BIND | MS_REMOUNT | MS_RDONLY | _locked_flags("/"))
+    return notes
 
 
 def _skeleton(lower: str, entry: dict, fds: dict[str, int], owner: tuple[int, int]) -> None:

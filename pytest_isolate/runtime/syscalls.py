@@ -43,9 +43,22 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 # x86_64 and aarch64 system call numbers for calls glibc has no wrapper for.
 _SYSCALLS = {
-    "x86_64": {"pivot_root": 155, "capset": 126},
-    "aarch64": {"pivot_root": 41, "capset": 91},
+    "x86_64": {"pivot_root": 155, "capset": 126, "open_tree": 428, "move_mount": 429,
+               "mount_setattr": 442},
+    "aarch64": {"pivot_root": 41, "capset": 91, "open_tree": 428, "move_mount": 429,
+                "mount_setattr": 442},
 }
+
+# The new mount API (<linux/mount.h>), used for idmapped binds.
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_IDMAP = 0x00100000
 _NR = _SYSCALLS.get(os.uname().machine, _SYSCALLS["x86_64"])
 
 
@@ -86,6 +99,44 @@ def pivot_root(new_root: str, put_old: str) -> None:
         ctypes.c_long(_NR["pivot_root"]), _b(new_root), _b(put_old)
     )
     _check(result, f"pivot_root({new_root}, {put_old})")
+
+
+def setns(fd: int, nstype: int) -> None:
+    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), f"setns({describe_flags(nstype)})")
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def idmapped_bind(source_fd: int, target: str, userns_fd: int, attrs: int) -> None:
+    """Bind the tree at ``source_fd`` onto ``target``, ids mapped through a user
+    namespace: a file owned by on-disk uid N shows as that namespace's uid N."""
+    tree = _check(
+        _libc.syscall(ctypes.c_long(_NR["open_tree"]), ctypes.c_int(source_fd), b"",
+                      ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH | AT_RECURSIVE)),
+        f"open_tree for {target}",
+    )
+    try:
+        attr = _MountAttr(attrs | MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
+        _check(
+            _libc.syscall(ctypes.c_long(_NR["mount_setattr"]), ctypes.c_int(tree), b"",
+                          ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE), ctypes.byref(attr),
+                          ctypes.c_size_t(ctypes.sizeof(attr))),
+            f"idmapping the bind of {target}",
+        )
+        _check(
+            _libc.syscall(ctypes.c_long(_NR["move_mount"]), ctypes.c_int(tree), b"",
+                          ctypes.c_int(-100), _b(target), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)),
+            f"move_mount to {target}",
+        )
+    finally:
+        os.close(tree)
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0) -> int:

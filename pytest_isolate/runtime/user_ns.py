@@ -5,12 +5,13 @@ Two cases, decided by who runs pytest:
 * rootless: the process maps container root onto its own uid and gid. A process may
   write such a one-line map for itself, after denying setgroups(2).
 * root: container root maps onto an unprivileged host range, so that a test cannot use
-  root's host identity (e.g. to read /etc/shadow through a read-only bind). A map with
-  more than the caller's own uid must be written from the *parent* namespace by a
-  process holding CAP_SETUID there, so a helper is forked before unshare() to do it.
+  root's host identity (e.g. to read /etc/shadow through a read-only bind). A helper
+  child creates the namespace and the caller, still real root, writes its map (which
+  needs CAP_SETUID in the parent namespace), idmaps the project's binds with it, and
+  joins it last.
 
-Either way unshare(CLONE_NEWUSER) must run in a single-threaded process: the kernel
-refuses it (EINVAL) when the caller shares its memory with other threads.
+Either way unshare(CLONE_NEWUSER) and setns() into a user namespace must run in a
+single-threaded process: the kernel refuses them (EINVAL) otherwise.
 """
 
 from __future__ import annotations
@@ -63,55 +64,64 @@ def _write(path: str, text: str) -> None:
         os.close(fd)
 
 
-def enter() -> None:
-    """Move the calling (single-threaded) process into a new user namespace as root."""
-    if os.geteuid() == 0:
-        _enter_mapped_to_host_range()
-    else:
-        _enter_mapped_to_self()
-    # Become root of the namespace for real, and drop the host's supplementary
-    # groups (possible only with a privileged map; rootless keeps the user's own).
-    if os.geteuid() != 0 or os.getegid() != 0:
-        os.setresgid(0, 0, 0)
-        os.setresuid(0, 0, 0)
-
-
-def _enter_mapped_to_self() -> None:
+def enter_rootless() -> None:
+    """Move the calling (single-threaded) process into a new user namespace whose
+    root is the caller's own uid and gid."""
     uid, gid = os.geteuid(), os.getegid()
     syscalls.unshare(syscalls.CLONE_NEWUSER)
     _write("/proc/self/setgroups", "deny")
     _write("/proc/self/uid_map", f"0 {uid} 1\n")
     _write("/proc/self/gid_map", f"0 {gid} 1\n")
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
 
 
-def _enter_mapped_to_host_range() -> None:
+def create_for_root() -> int:
+    """As real root: a user namespace mapped to the unprivileged host range; returns
+    an fd to it. A helper child creates it, so the caller keeps its host identity
+    (it still has to build the stage and idmap binds with it) until ``join``."""
     (uid_start, uid_count), (gid_start, gid_count) = root_mapping()
-    target = os.getpid()
-    go_r, go_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
     helper = os.fork()
-    if helper == 0:  # the helper stays in the parent namespace, with CAP_SETUID there
+    if helper == 0:
         status = 1
         try:
-            os.close(go_w)
-            if os.read(go_r, 1) == b"u":
-                _write(f"/proc/{target}/uid_map", f"0 {uid_start} {uid_count}\n")
-                _write(f"/proc/{target}/gid_map", f"0 {gid_start} {gid_count}\n")
-                status = 0
+            os.close(ready_r)
+            os.close(done_w)
+            syscalls.unshare(syscalls.CLONE_NEWUSER)
+            os.write(ready_w, b"u")
+            os.read(done_r, 1)  # live until the parent holds the namespace
+            status = 0
         finally:
             os._exit(status)
-    os.close(go_r)
+    os.close(ready_w)
+    os.close(done_r)
     try:
-        syscalls.unshare(syscalls.CLONE_NEWUSER)
-    except OSError:
-        os.close(go_w)
+        if os.read(ready_r, 1) != b"u":
+            raise OSError(1, "could not create the container user namespace")
+        _write(f"/proc/{helper}/uid_map", f"0 {uid_start} {uid_count}\n")
+        _write(f"/proc/{helper}/gid_map", f"0 {gid_start} {gid_count}\n")
+        return os.open(f"/proc/{helper}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(done_w)
+        os.close(ready_r)
         os.waitpid(helper, 0)
-        raise
-    os.write(go_w, b"u")
-    os.close(go_w)
-    _, status = os.waitpid(helper, 0)
-    if status != 0:
-        raise OSError(
-            1, f"could not write the uid/gid map of the container user namespace "
-            f"({uid_start}+{uid_count}, {gid_start}+{gid_count})"
-        )
+
+
+def join(userns_fd: int) -> None:
+    """Enter the namespace from ``create_for_root`` as its root, without the host's
+    supplementary groups (setns needs a single-threaded caller)."""
+    syscalls.setns(userns_fd, syscalls.CLONE_NEWUSER)
+    os.close(userns_fd)
     os.setgroups([])
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+
+
+def enter() -> None:
+    """Enter a container user namespace the way a container host does."""
+    if os.geteuid() == 0:
+        join(create_for_root())
+    else:
+        enter_rootless()
