@@ -4,6 +4,7 @@ container hosts (``controller.py``) and replay what comes back."""
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import pytest
@@ -114,6 +115,11 @@ class IsolatePlugin:
                 isolated.append(item)
         self.isolated_count = len(isolated)
         self.controller.plan([(item, item.stash[settings_key]) for item in isolated])
+        if isolated and (self.config.getoption("usepdb") or self.config.getoption("trace")):
+            warnings.warn(pytest.PytestWarning(
+                "--pdb/--trace do not stop in isolated tests: containers have no terminal. "
+                "Run the test without isolation (-p no:isolate) to debug it."
+            ))
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None):

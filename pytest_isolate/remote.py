@@ -23,6 +23,7 @@ import faulthandler
 import gc
 import json
 import os
+import signal
 import sys
 import time
 
@@ -202,11 +203,14 @@ class Host(ContainerReporter):
         os.close(event_w)
         supervisor = container.Supervisor(keeper, event_r, timeout and timeout + KILL_GRACE)
         finished = False
+        out = err = ""
         for name, data in supervisor.events():
             finished = finished or name == "finished"
+            if name == "crash_output":  # mode "fresh" read it for us
+                out, err = data["stdout"], data["stderr"]
+                continue
             self.channel.send((name, data))
-        out = err = ""
-        if capturing and not finished:
+        if capturing and not finished and mode == "fork":
             out, err = capman.read_global_capture()
         self.channel.send(("done", {
             "status": supervisor.exit_status, "timed_out": supervisor.timed_out,
@@ -246,8 +250,26 @@ class FreshRunner(ContainerReporter):
         if not items:
             events.send(job["event_fd"], "not_collected", {"message": "not collected by a fresh pytest"})
             return True
-        self.run_item(items[0], job["event_fd"], job["crash_fd"], job["timeout"])
-        return True
+        # The item runs in a child, so that if it crashes this process can still read
+        # what it printed (pytest's capture files are shared across fork) and pass it
+        # on, as the host does in mode "fork"; then it ends the same way.
+        capman = self.config.pluginmanager.getplugin("capturemanager")
+        capturing = capman is not None and capman.is_globally_capturing()
+        child = os.fork()
+        if child == 0:
+            try:
+                self.run_item(items[0], job["event_fd"], job["crash_fd"], job["timeout"])
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(child, 0)
+        if capturing:
+            out, err = capman.read_global_capture()
+            if out or err:
+                events.send(job["event_fd"], "crash_output", {"stdout": out, "stderr": err})
+        if os.WIFSIGNALED(status):
+            signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+            os.kill(os.getpid(), os.WTERMSIG(status))
+        os._exit(os.waitstatus_to_exitcode(status))
 
 
 def fresh_main() -> None:

@@ -104,9 +104,9 @@ def _exit_on_error(event_fd: int, step: Callable, *args) -> None:
         step(*args)
     except BaseException as exc:  # noqa: BLE001 - a forked child must never return
         try:
-            events.send(event_fd, "container_error", {
-                "message": f"{type(exc).__name__}: {exc}", "step": step.__name__.strip("_"),
-            })
+            message = (f"{exc.strerror} (errno {exc.errno})" if isinstance(exc, OSError) and exc.strerror
+                       else f"{type(exc).__name__}: {exc}")
+            events.send(event_fd, "container_error", {"message": message, "step": step.__name__.strip("_")})
         finally:
             os._exit(EXIT_CONTAINER_FAILED)
     os._exit(0)

@@ -85,21 +85,23 @@ def create_for_root() -> int:
     done_r, done_w = os.pipe()
     helper = os.fork()
     if helper == 0:
-        status = 1
         try:
             os.close(ready_r)
             os.close(done_w)
             syscalls.unshare(syscalls.CLONE_NEWUSER)
-            os.write(ready_w, b"u")
+            os.write(ready_w, b"ok")
             os.read(done_r, 1)  # live until the parent holds the namespace
-            status = 0
+        except OSError as exc:
+            os.write(ready_w, f"{exc.errno}:{exc.strerror}".encode())
         finally:
-            os._exit(status)
+            os._exit(0)
     os.close(ready_w)
     os.close(done_r)
     try:
-        if os.read(ready_r, 1) != b"u":
-            raise OSError(1, "could not create the container user namespace")
+        answer = os.read(ready_r, 4096).decode(errors="replace")
+        if answer != "ok":
+            errno, _, message = answer.partition(":")
+            raise OSError(int(errno or 1), message or "could not create the container user namespace")
         _write(f"/proc/{helper}/uid_map", f"0 {uid_start} {uid_count}\n")
         _write(f"/proc/{helper}/gid_map", f"0 {gid_start} {gid_count}\n")
         return os.open(f"/proc/{helper}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
