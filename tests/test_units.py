@@ -1,0 +1,89 @@
+"""Units with no kernel in them: the event framing, option merging, image entries."""
+
+from __future__ import annotations
+
+import marshal
+import os
+import struct
+
+import pytest
+
+from pytest_isolate import images, options
+from pytest_isolate.runtime import events, rootfs
+
+
+class Unmarshalable:
+    def __repr__(self) -> str:
+        return "<Unmarshalable>"
+
+
+def test_events_survive_any_split_of_the_stream() -> None:
+    stream = events.encode("report", {"data": {"x": [1, 2.5, None, "é"]}}) + events.encode("finished", {})
+    for cut in range(len(stream) + 1):
+        reader = events.Reader()
+        got = reader.feed(stream[:cut]) + reader.feed(stream[cut:])
+        assert got == [("report", {"data": {"x": [1, 2.5, None, "é"]}}), ("finished", {})]
+        assert reader.leftover() == 0
+
+
+def test_non_builtin_values_travel_as_their_repr() -> None:
+    [(name, data)] = events.Reader().feed(events.encode("report", {"prop": Unmarshalable(), "ok": (1,)}))
+    assert (name, data) == ("report", {"prop": "<Unmarshalable>", "ok": (1,)})
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\x00\x00\x00\x03abc",                                   # not marshal
+    struct.pack(">I", 5) + marshal.dumps(5),                  # not a (name, dict) pair
+    struct.pack(">I", events.MAX_FRAME + 1),                  # absurd length
+])
+def test_a_corrupt_stream_becomes_one_corrupt_event_not_an_exception(garbage: bytes) -> None:
+    reader = events.Reader()
+    got = reader.feed(events.encode("ok", {}) + garbage + events.encode("after", {}))
+    assert got[0] == ("ok", {})
+    assert got[1][0] == "corrupt" and "corrupted" in got[1][1]["message"]
+    assert len(got) == 2 and reader.corrupt
+    assert reader.feed(events.encode("more", {})) == []
+
+
+def test_later_layers_win_env_merges_per_key_and_mounts_per_destination(tmp_path) -> None:
+    a = options.Mount(str(tmp_path), "/data", True)
+    b = options.Mount(str(tmp_path), "/data", False)
+    c = options.Mount(str(tmp_path), "/other", True)
+    settings = options.merge([
+        {"hostname": "ini", "env": (("A", "1"), ("B", "1")), "mounts": (a, c)},
+        {"hostname": "cli", "env": (("B", "2"),)},
+        {"timeout": 3.0, "mounts": (b,)},
+    ])
+    assert settings.hostname == "cli" and settings.timeout == 3.0
+    assert dict(settings.env) == {"A": "1", "B": "2"}
+    assert {m.dst: m.readonly for m in settings.mounts} == {"/data": False, "/other": True}
+
+
+@pytest.mark.parametrize("value, expected", [
+    (5, 5.0), ("2.5", 2.5), (None, None), ("none", None), ("0", None),
+])
+def test_timeout_values(value, expected) -> None:
+    assert options.parse_timeout(value, "/") == expected
+
+
+def test_relative_mount_sources_resolve_against_the_given_base(tmp_path) -> None:
+    (tmp_path / "data").mkdir()
+    [mount] = options.parse_mounts(["./data:/data:rw"], str(tmp_path))
+    assert mount == options.Mount(str(tmp_path / "data"), "/data", False)
+
+
+def test_entries_are_applied_parents_first() -> None:
+    entries = [{"type": "bind", "dst": "/tmp/project/sub"}, {"type": "tmpfs", "dst": "/tmp"},
+               {"type": "dev", "dst": "/dev/null"}, {"type": "tmpfs", "dst": "/dev"}]
+    assert [e["dst"] for e in rootfs.ordered(entries)] == ["/dev", "/tmp", "/dev/null", "/tmp/project/sub"]
+
+
+def test_the_host_image_binds_system_and_project_read_only_but_never_proc_or_dev(tmp_path) -> None:
+    entries = images.host_image([str(tmp_path), "/proc/self", "/dev"])
+    binds = {e["dst"]: e for e in entries if e["type"] == "bind"}
+    assert binds["/usr"]["ro"] and not binds["/usr"].get("idmap")
+    assert binds[str(tmp_path)]["ro"] and binds[str(tmp_path)]["idmap"]
+    assert not any(d == "/proc" or d.startswith(("/proc/", "/dev/")) for d in binds)
+    assert {e["dst"] for e in entries if e["type"] == "dev"} <= {f"/dev/{d}" for d in images.DEVICES}
+    prefix = os.path.realpath(os.__file__)
+    assert any(prefix.startswith(d + "/") for d in binds), "the interpreter's stdlib is bound"
