@@ -59,16 +59,20 @@ def parse_image(value: Any, base: str) -> str:
 
 
 def parse_timeout(value: Any, base: str) -> float | None:
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "0")):
+    """Seconds > 0; None, 0 or "none" mean no timeout (as in pytest-timeout)."""
+    accepted = "a number of seconds > 0, or None / 0 for no timeout"
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
         return None
     if isinstance(value, bool):
-        raise OptionError(f"got {value!r}; accepted: a number of seconds > 0, or None")
+        raise OptionError(f"got {value!r}; accepted: {accepted}")
     try:
         seconds = float(value)
     except (TypeError, ValueError):
-        raise OptionError(f"got {value!r}; accepted: a number of seconds > 0, or None") from None
-    if not seconds > 0 or seconds != seconds or seconds == float("inf"):
-        raise OptionError(f"got {value!r}; accepted: a number of seconds > 0, or None")
+        raise OptionError(f"got {value!r}; accepted: {accepted}") from None
+    if seconds == 0:
+        return None
+    if not seconds > 0 or seconds == float("inf"):  # also rejects nan
+        raise OptionError(f"got {value!r}; accepted: {accepted}")
     return seconds
 
 

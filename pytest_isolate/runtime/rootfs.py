@@ -24,6 +24,7 @@ before what goes inside it (a rootdir under ``/tmp``).
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -135,11 +136,13 @@ def build_stage(
     ``owner`` is the host uid/gid of container root: the skeleton is chowned to it so
     that overlay copy-up of its directories works inside the user namespace.
 
-    With ``userns_fd`` (pytest runs as root), binds marked ``idmap`` -- the project and
-    mount sources, not the system -- are idmapped through the container's user
-    namespace, so that files of the user who runs pytest belong to container root
-    (pytest's own temporary directories are mode 700). Returns notes on what could
-    not be done that way.
+    With ``userns_fd`` (pytest runs as root), read-only binds marked ``idmap`` -- the
+    project and read-only mount sources, not the system -- are idmapped through the
+    container's user namespace, so that files of the user who runs pytest belong to
+    container root (pytest's own temporary directories are mode 700). Writable
+    sources never are: through an idmapped writable bind, container root would
+    create files owned by host root, setuid ones included. Returns notes on what
+    could not be done that way.
     """
     notes: list[str] = []
     # Nothing done here may propagate back into the host's mount namespace.
@@ -149,7 +152,7 @@ def build_stage(
     # may hide some of them. Binds then go through /proc/self/fd, which also pins the
     # object that was checked (no path swapped for a symlink in between).
     source_entries = [
-        {"type": "bind", "src": s["src"], "dst": source_path(i), "ro": s["ro"], "idmap": True}
+        {"type": "bind", "src": s["src"], "dst": source_path(i), "ro": s["ro"], "idmap": s["ro"]}
         for i, s in enumerate(sources)
     ]
     fds: dict[str, int] = {}
@@ -177,7 +180,7 @@ def build_stage(
                 is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
                 _mountpoint(target, is_dir, owner)
                 readonly = entry.get("ro", kind == "bind")
-                if entry.get("idmap") and userns_fd is not None:
+                if entry.get("idmap") and readonly and userns_fd is not None:
                     try:
                         attrs = syscalls.MOUNT_ATTR_NOSUID | syscalls.MOUNT_ATTR_NODEV
                         syscalls.idmapped_bind(fd, target, userns_fd,
@@ -257,7 +260,14 @@ def build_test_root(entries: list[dict], mounts: list[dict]) -> str:
         kind = entry["type"]
         if kind in ("bind", "dev"):
             source = entry.get("stage_src", entry["dst"])
-            _mountpoint(target, os.path.isdir(source))
+            try:
+                _mountpoint(target, os.path.isdir(source))
+            except OSError as exc:
+                if exc.errno != errno.EROFS:
+                    raise
+                raise OSError(exc.errno, f"cannot mount on {entry['dst']}: it does not exist and lies in a "
+                              "read-only part of the image; pick a destination that exists there, "
+                              "or one outside it (e.g. under /mnt)") from None
             if entry.get("stage_src"):  # a user mount: its ro flag is the test's choice
                 _bind(source, target, entry.get("ro", True), MS_NOSUID | MS_NODEV)
             else:  # an image bind keeps the flags it has in the stage
