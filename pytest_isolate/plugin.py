@@ -51,6 +51,7 @@ class IsolatePlugin:
         self.isolate_all = bool(config.getoption("isolate") or config.getini("isolate"))
         self.base_layers = [self._ini_layer(), self._cli_layer()]
         self.isolated_count = 0
+        self.worker_lines: list[str] = []
 
     # -- option layers -----------------------------------------------------------------
 
@@ -137,8 +138,15 @@ class IsolatePlugin:
         who = "rootless" if os.geteuid() != 0 else "root (container root is an unprivileged uid)"
         return f"isolate: every test in a container ({who})"
 
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node, error) -> None:
+        """Under xdist, the controller prints what each worker's hosts did."""
+        output = getattr(node, "workeroutput", None) or {}
+        worker = getattr(getattr(node, "gateway", None), "id", "?")
+        self.worker_lines += [f"[{worker}] {line}" for line in output.get("isolate_summary", [])]
+
     def pytest_terminal_summary(self, terminalreporter) -> None:
-        lines = self.controller.summary_lines()
+        lines = self.controller.summary_lines() + self.worker_lines
         if lines:
             terminalreporter.write_sep("-", "pytest-isolate")
             for line in lines:
@@ -146,3 +154,6 @@ class IsolatePlugin:
 
     def pytest_sessionfinish(self) -> None:
         self.controller.shutdown()
+        workeroutput = getattr(self.config, "workeroutput", None)
+        if workeroutput is not None:  # an xdist worker: hand the summary to the controller
+            workeroutput["isolate_summary"] = self.controller.summary_lines()
