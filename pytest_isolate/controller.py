@@ -26,7 +26,15 @@ HOST_OPTION_OVERRIDES = {
 
 
 class HostError(Exception):
-    """A container host could not start; the message says why and what to do."""
+    """A container host could not start or was lost; the message says why."""
+
+
+LINK_ERRORS = (EOFError, OSError, execnet.RemoteError, execnet.TimeoutError)
+
+
+def _lost_link(exc: BaseException) -> HostError:
+    last_line = (str(exc).strip().splitlines() or [""])[-1]
+    return HostError(f"lost the link to the container host: {type(exc).__name__}: {last_line}")
 
 
 def _plain_options(option_namespace) -> dict[str, Any]:
@@ -62,12 +70,11 @@ class ContainerHost:
         config = controller.config
         invocation_dir = str(config.invocation_params.dir)
         rootdir = str(config.rootpath)
-        project = [rootdir] + ([str(config.inipath)] if config.inipath else [])
         if invocation_dir == rootdir or invocation_dir.startswith(rootdir + os.sep):
             self.cwd = invocation_dir
         else:
             self.cwd = rootdir
-        self.entries = images.host_image(project)
+        self.entries = controller.image_entries(image)
         self.sources = sources
         base = rootdir if config.args_source == pytest.Config.ArgsSource.TESTPATHS else invocation_dir
         self.args = [_absolute_arg(a, base) for a in config.args]
@@ -82,10 +89,13 @@ class ContainerHost:
         spec = {"entries": self.entries, "sources": self.sources, "cwd": self.cwd, "hostname": "isolated"}
         xspec = execnet.XSpec("popen")
         xspec.python = launch.launcher_command(spec, sys.executable)
-        self.gateway = self.controller.group.makegateway(xspec)
-        self.channel = self.gateway.remote_exec(remote)
+        try:
+            self.gateway = self.controller.group.makegateway(xspec)
+            self.channel = self.gateway.remote_exec(remote)
+        except (*LINK_ERRORS, execnet.HostNotFound) as exc:
+            raise _lost_link(exc) from None
         config = self.controller.config
-        self.channel.send(("start", {
+        self._send(("start", {
             "entries": self.entries, "args": self.args, "option_dict": _plain_options(config.option),
             "workerinput": self.controller.workerinput, "sys_path": list(sys.path),
             "collect": self.mode == "fork",
@@ -105,9 +115,14 @@ class ContainerHost:
     def _receive(self, timeout: float | None = None) -> tuple[str, dict]:
         try:
             return self.channel.receive(timeout)
-        except (EOFError, OSError, execnet.RemoteError, execnet.TimeoutError) as exc:
-            raise HostError(f"lost the link to the container host: {type(exc).__name__}: "
-                            f"{str(exc).strip().splitlines()[-1:] or ''}") from None
+        except LINK_ERRORS as exc:
+            raise _lost_link(exc) from None
+
+    def _send(self, message: tuple[str, dict]) -> None:
+        try:
+            self.channel.send(message)
+        except LINK_ERRORS as exc:
+            raise _lost_link(exc) from None
 
     def run(self, nodeid: str, settings: Settings, fresh_arg: str):
         """Send one test and yield its events; the last one is ("done", {...})."""
@@ -116,7 +131,7 @@ class ContainerHost:
              "ro": m.readonly}
             for m in settings.mounts
         ]
-        self.channel.send(("run", {
+        self._send(("run", {
             "nodeid": nodeid, "mode": settings.mode, "timeout": settings.timeout, "fresh_arg": fresh_arg,
             "container_config": {"hostname": settings.hostname, "env": dict(settings.env),
                                  "mounts": mounts, "cwd": self.cwd},
@@ -145,6 +160,7 @@ class Controller:
         self.hosts: dict[tuple[str, str], ContainerHost] = {}
         self.failed_hosts: dict[tuple[str, str], str] = {}
         self.sources: list[dict] = []
+        self._images: dict[str, list[dict]] = {}
         self._source_index: dict[tuple[str, bool], int] = {}
         self.workerinput = dict(getattr(config, "workerinput", None) or {
             "workerid": "master", "workercount": 1, "testrunuid": uuid.uuid4().hex,
@@ -152,10 +168,21 @@ class Controller:
         self.workerinput["isolate_host"] = True
         self.tests_run = 0
 
+    def image_entries(self, image: str) -> list[dict]:
+        if image not in self._images:
+            config = self.config
+            project = [str(config.rootpath)] + ([str(config.inipath)] if config.inipath else [])
+            self._images[image] = images.host_image(project)
+        return self._images[image]
+
     def plan(self, planned: list[tuple[pytest.Item, Settings]]) -> None:
-        """Learn every mount source up front: hosts bind them when they start."""
-        for _, settings in planned:
+        """Check mounts against their image and learn every source up front: hosts
+        bind them when they start."""
+        for item, settings in planned:
             for mount in settings.mounts:
+                problem = images.unmountable(self.image_entries(settings.image), mount.dst)
+                if problem:
+                    raise pytest.UsageError(f"{item.nodeid}: invalid 'mounts': {problem}")
                 self.source_index(mount)
 
     def source_index(self, mount) -> int:
@@ -189,8 +216,7 @@ class Controller:
         except HostError as exc:
             self.hosts.pop((settings.mode, settings.image), None)
             replay.host_failed(str(exc))
-        replay.finish()
-        replay.teardown_controller_side(nextitem)
+        replay.finish(nextitem)
         self.tests_run += 1
 
     def _fresh_arg(self, item: pytest.Item) -> str:

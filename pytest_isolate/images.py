@@ -86,3 +86,19 @@ def host_image(project_paths: Iterable[str]) -> list[dict]:
         {"type": "symlink", "dst": "/dev/stderr", "target": "/proc/self/fd/2"},
     ]
     return entries
+
+
+def unmountable(entries: list[dict], destination: str) -> str | None:
+    """Why a mount on ``destination`` cannot be made in this image, if it cannot.
+
+    Inside a read-only bind only an existing path can be a mount point."""
+    binds = [e for e in entries if e["type"] == "bind" and e.get("ro")]
+    for bind in sorted(binds, key=lambda e: -len(e["dst"])):
+        if destination == bind["dst"] or destination.startswith(bind["dst"].rstrip("/") + "/"):
+            host_path = bind["src"] + destination[len(bind["dst"]):]
+            if os.path.lexists(host_path):
+                return None
+            return (f"{destination} does not exist inside {bind['dst']}, a read-only part of the "
+                    "image, so it cannot be a mount point; accepted: a destination that exists "
+                    "there, or one outside it (e.g. under /mnt or /srv)")
+    return None

@@ -14,7 +14,9 @@ from typing import Any, Callable
 MODES = ("fork", "fresh")
 IMAGES = ("host",)
 DEFAULT_HOSTNAME = "isolated"
-_HOSTNAME = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*$")
+# Labels of letters, digits and '-' (not at either end), joined by dots; Linux takes
+# up to 64 characters in all (HOST_NAME_MAX).
+_HOSTNAME = re.compile(r"^(?!-)[A-Za-z0-9-]+(?<!-)(\.(?!-)[A-Za-z0-9-]+(?<!-))*$")
 _ENV_NAME = re.compile(r"^[^=\0]+$")
 # Destinations a mount may not cover: the container's own /proc, /dev and /sys, and
 # the runtime's private directories.
@@ -77,7 +79,7 @@ def parse_timeout(value: Any, base: str) -> float | None:
 
 
 def parse_hostname(value: Any, base: str) -> str:
-    if not isinstance(value, str) or len(value) > 64 or not _HOSTNAME.match(value):
+    if not isinstance(value, str) or not 0 < len(value) <= 64 or not _HOSTNAME.match(value):
         raise OptionError(
             f"got {value!r}; accepted: a hostname of at most 64 characters "
             "(letters, digits, '-' and '.')"

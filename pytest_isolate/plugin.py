@@ -48,12 +48,20 @@ class IsolatePlugin:
     def __init__(self, config: pytest.Config, controller) -> None:
         self.config = config
         self.controller = controller
-        self.isolate_all = bool(config.getoption("isolate") or config.getini("isolate"))
+        self.isolate_all = bool(config.getoption("isolate") or self._ini_switch())
         self.base_layers = [self._ini_layer(), self._cli_layer()]
         self.isolated_count = 0
         self.worker_lines: list[str] = []
 
     # -- option layers -----------------------------------------------------------------
+
+    def _ini_switch(self) -> bool:
+        try:
+            return bool(self.config.getini("isolate"))
+        except (ValueError, pytest.UsageError) as exc:  # pytest 9 raises UsageError itself
+            raise pytest.UsageError(
+                f"ini key isolate in {self.config.inipath}: {exc}; accepted: true or false"
+            ) from None
 
     def _parse(self, option: opts.Option, value: Any, base: str, where: str) -> Any:
         try:

@@ -23,7 +23,7 @@ import faulthandler
 import gc
 import json
 import os
-import signal
+import socket
 import sys
 import time
 
@@ -87,11 +87,49 @@ def _capture_fds(config: pytest.Config) -> set[int]:
     return fds
 
 
-def _use_crash_log(config: pytest.Config, crash_fd: int, timeout: float | None) -> None:
-    """Send fatal-error and timeout tracebacks to the host's crash log."""
+def _capture_files(config: pytest.Config) -> list[int]:
+    """The fds of the files pytest captures stdout and stderr into (fd capture only)."""
+    capturing = getattr(config.pluginmanager.getplugin("capturemanager"), "_global_capturing", None)
+    fds = []
+    for part in (getattr(capturing, "out", None), getattr(capturing, "err", None)):
+        try:
+            fds.append(part.tmpfile.fileno())
+        except Exception:
+            return []
+    return fds
+
+
+def _pass_capture_files(config: pytest.Config, link_fd: int) -> None:
+    """Mode "fresh": give the host our capture files, then close the link."""
+    with socket.socket(fileno=link_fd) as link:
+        fds = _capture_files(config)
+        if fds:
+            socket.send_fds(link, [b"stdout,stderr"], fds)
+
+
+def _read_passed_capture(link: socket.socket) -> tuple[str, str]:
+    """What the fresh interpreter had captured when it died (see _pass_capture_files)."""
+    try:
+        _, fds, _, _ = socket.recv_fds(link, 64, 2, socket.MSG_DONTWAIT)
+    except OSError:
+        return "", ""
+    texts = []
+    for fd in fds:
+        try:
+            texts.append(os.pread(fd, os.fstat(fd).st_size, 0).decode("utf-8", "replace"))
+        finally:
+            os.close(fd)
+    return (texts + ["", ""])[0], (texts + ["", ""])[1]
+
+
+def _use_crash_log(config: pytest.Config, crash_fd: int, deadline: float | None) -> None:
+    """Send fatal-error and timeout tracebacks to the host's crash log.
+
+    ``deadline`` is on CLOCK_MONOTONIC, which containers share with the host: the
+    timeout counts from the container's start, whatever ran before this point."""
     faulthandler.enable(file=crash_fd, all_threads=True)
-    if timeout:
-        faulthandler.dump_traceback_later(timeout, file=crash_fd)
+    if deadline:
+        faulthandler.dump_traceback_later(max(deadline - time.monotonic(), 0.001), file=crash_fd)
     try:  # pytest's own faulthandler_timeout writes there too
         from _pytest.faulthandler import fault_handler_stderr_fd_key
 
@@ -113,6 +151,20 @@ class ContainerReporter:
             data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
             events.send(self.event_fd, "report", {"data": data})
 
+    @pytest.fixture
+    def record_testsuite_property(self):
+        """Replaces junitxml's fixture inside containers: the property goes to the
+        controller, which writes the XML (here it would be dropped)."""
+
+        def record(name: str, value: object) -> None:
+            __tracebackhide__ = True
+            if not isinstance(name, str):
+                raise TypeError(f"name parameter needs to be a string, but {type(name).__name__} given")
+            if self.event_fd is not None:
+                events.send(self.event_fd, "testsuite_property", {"name": name, "value": value})
+
+        return record
+
     @pytest.hookimpl
     def pytest_warning_recorded(self, warning_message, when, nodeid, location) -> None:
         if self.event_fd is not None and when != "collect":
@@ -121,10 +173,10 @@ class ContainerReporter:
                 "nodeid": nodeid, "location": location,
             })
 
-    def run_item(self, item: pytest.Item, event_fd: int, crash_fd: int, timeout) -> None:
-        """The payload of a container in mode "fork": run one collected item here."""
+    def run_item(self, item: pytest.Item, event_fd: int, crash_fd: int, deadline) -> None:
+        """Run one collected item in this process, inside its container."""
         self.event_fd = event_fd
-        _use_crash_log(self.config, crash_fd, timeout)
+        _use_crash_log(self.config, crash_fd, deadline)
         if self.config.getoption("capture") == "no":
             sys.stdout = sys.__stdout__
         self.config.hook.pytest_runtest_protocol(item=item, nextitem=None)
@@ -192,26 +244,35 @@ class Host(ContainerReporter):
         os.ftruncate(self.crash_fd, 0)
         os.lseek(self.crash_fd, 0, os.SEEK_SET)  # the container writes at this offset
         event_r, event_w = os.pipe2(os.O_CLOEXEC)
-        config = dict(container_config, entries=self.start["entries"])
-        if mode == "fresh":
-            payload = self._fresh_payload(nodeid, fresh_arg, event_w, timeout)
-        else:
-            payload = lambda: self.run_item(item, event_w, self.crash_fd, timeout)  # noqa: E731
-        started = time.perf_counter()
+        deadline = time.monotonic() + timeout if timeout else None
         keep = _capture_fds(self.config) | {self.crash_fd, self.start["session_output_fd"]}
-        keeper = container.start(config, payload, event_w, keep)
+        capture_link = None
+        if mode == "fresh":
+            # The fresh interpreter hands its capture files over this link before
+            # the test runs, so that output printed before a crash survives it.
+            capture_link, container_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+            keep.add(container_end.fileno())
+            payload = self._fresh_payload(nodeid, fresh_arg, event_w, deadline, container_end.fileno())
+        else:
+            payload = lambda: self.run_item(item, event_w, self.crash_fd, deadline)  # noqa: E731
+        started = time.perf_counter()
+        keeper = container.start(dict(container_config, entries=self.start["entries"]), payload, event_w, keep)
         os.close(event_w)
+        if capture_link is not None:
+            container_end.close()
         supervisor = container.Supervisor(keeper, event_r, timeout and timeout + KILL_GRACE)
         finished = False
-        out = err = ""
         for name, data in supervisor.events():
             finished = finished or name == "finished"
-            if name == "crash_output":  # mode "fresh" read it for us
-                out, err = data["stdout"], data["stderr"]
-                continue
             self.channel.send((name, data))
-        if capturing and not finished and mode == "fork":
-            out, err = capman.read_global_capture()
+        out = err = ""
+        if not finished:
+            if capture_link is not None:
+                out, err = _read_passed_capture(capture_link)
+            elif capturing:
+                out, err = capman.read_global_capture()
+        if capture_link is not None:
+            capture_link.close()
         self.channel.send(("done", {
             "status": supervisor.exit_status, "timed_out": supervisor.timed_out,
             "finished": finished, "stdout": out, "stderr": err,
@@ -219,16 +280,16 @@ class Host(ContainerReporter):
             "duration": time.perf_counter() - started,
         }))
 
-    def _fresh_payload(self, nodeid: str, fresh_arg: str, event_w: int, timeout):
+    def _fresh_payload(self, nodeid: str, fresh_arg: str, event_w: int, deadline, link_fd: int):
         job = {
             "option_dict": self.start["option_dict"], "workerinput": self.start["workerinput"],
-            "sys_path": self.start["sys_path"], "args": [fresh_arg],
-            "nodeid": nodeid, "event_fd": event_w, "crash_fd": self.crash_fd, "timeout": timeout,
+            "sys_path": self.start["sys_path"], "args": [fresh_arg], "nodeid": nodeid,
+            "event_fd": event_w, "crash_fd": self.crash_fd, "capture_link_fd": link_fd, "deadline": deadline,
         }
 
         def exec_fresh_interpreter() -> None:
-            os.set_inheritable(event_w, True)
-            os.set_inheritable(self.crash_fd, True)
+            for fd in (event_w, self.crash_fd, link_fd):
+                os.set_inheritable(fd, True)
             os.environ[JOB_ENV] = json.dumps(job)
             boot = "from pytest_isolate.remote import fresh_main; fresh_main()"
             os.execv(sys.executable, [sys.executable, "-c", boot])
@@ -250,26 +311,9 @@ class FreshRunner(ContainerReporter):
         if not items:
             events.send(job["event_fd"], "not_collected", {"message": "not collected by a fresh pytest"})
             return True
-        # The item runs in a child, so that if it crashes this process can still read
-        # what it printed (pytest's capture files are shared across fork) and pass it
-        # on, as the host does in mode "fork"; then it ends the same way.
-        capman = self.config.pluginmanager.getplugin("capturemanager")
-        capturing = capman is not None and capman.is_globally_capturing()
-        child = os.fork()
-        if child == 0:
-            try:
-                self.run_item(items[0], job["event_fd"], job["crash_fd"], job["timeout"])
-            finally:
-                os._exit(0)
-        _, status = os.waitpid(child, 0)
-        if capturing:
-            out, err = capman.read_global_capture()
-            if out or err:
-                events.send(job["event_fd"], "crash_output", {"stdout": out, "stderr": err})
-        if os.WIFSIGNALED(status):
-            signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
-            os.kill(os.getpid(), os.WTERMSIG(status))
-        os._exit(os.waitstatus_to_exitcode(status))
+        _pass_capture_files(self.config, job["capture_link_fd"])
+        self.run_item(items[0], job["event_fd"], job["crash_fd"], job["deadline"])
+        return True
 
 
 def fresh_main() -> None:

@@ -73,13 +73,16 @@ class Replay:
                 # SubtestContext repr()s its kwargs again when deserialised: undo that.
                 object.__setattr__(report.context, "kwargs", dict(context["kwargs"]))
             self.seen.setdefault(report.when, report)
-            self.item.ihook.pytest_runtest_logreport(report=report)
+            if report.when != "teardown":  # finish() logs it, after the controller's part
+                self.item.ihook.pytest_runtest_logreport(report=report)
         elif name == "warning":
             location = data.get("location")
             self.config.hook.pytest_warning_recorded.call_historic(kwargs=dict(
                 warning_message=_warning_message(data["warning"]), when=data["when"],
                 nodeid=data["nodeid"], location=tuple(location) if location else None,
             ))
+        elif name == "testsuite_property":
+            self._record_testsuite_property(data["name"], data["value"])
         elif name == "finished":
             self.finished = True
         elif name == "container_error":
@@ -93,6 +96,15 @@ class Replay:
             if "not_collected" in data:
                 self.problem = (f"pytest-isolate: {self.item.nodeid} was not collected in its "
                                 f"container host:\n{data['not_collected']}")
+
+    def _record_testsuite_property(self, name: str, value: object) -> None:
+        try:
+            from _pytest.junitxml import xml_key
+        except ImportError:  # pragma: no cover - a future pytest moved it
+            return
+        xml = self.config.stash.get(xml_key, None)
+        if xml is not None:
+            xml.add_global_property(name, value)
 
     def host_failed(self, message: str) -> None:
         self.problem = f"pytest-isolate: {message}"
@@ -139,19 +151,26 @@ class Replay:
             except Exception:
                 pass
 
-    def _log(self, phase: str, error: BaseException | None, sections=()) -> None:
-        def call():
+    def _report(self, phase: str, error: BaseException | None, sections=()) -> pytest.TestReport:
+        def container_phase():
+            __tracebackhide__ = True
             if error is not None:
                 raise error
 
-        info = pytest.CallInfo.from_call(call, when=phase)
+        info = pytest.CallInfo.from_call(container_phase, when=phase)
         report = self.item.ihook.pytest_runtest_makereport(item=self.item, call=info)
         report.sections.extend(sections)
-        self.item.ihook.pytest_runtest_logreport(report=report)
+        return report
 
-    def finish(self) -> None:
-        if self.finished or self.done.get("finished"):
-            return
+    def finish(self, nextitem: pytest.Item | None) -> None:
+        """Report what the container could not, then the teardown, once."""
+        if not (self.finished or self.done.get("finished")):
+            self._report_crash()
+        teardown = self.seen.get("teardown") or self._report("teardown", None)
+        teardown = self._with_controller_teardown(teardown, nextitem)
+        self.item.ihook.pytest_runtest_logreport(report=teardown)
+
+    def _report_crash(self) -> None:
         phase = self._crashed_phase()
         if phase is None:
             return  # every phase was reported; the process only failed on its way out
@@ -162,20 +181,33 @@ class Replay:
         sections = [(f"Captured {stream} {phase}", self.done.get(stream) or "")
                     for stream in ("stdout", "stderr") if self.done.get(stream)]
         self._ensure_xfail_state()
-        self._log(phase, pytest.fail.Exception(message, pytrace=False), sections)
-        if phase != "teardown":
-            self._log("teardown", None)
+        report = self._report(phase, pytest.fail.Exception(message, pytrace=False), sections)
+        if phase == "teardown":
+            self.seen["teardown"] = report
+        else:
+            self.item.ihook.pytest_runtest_logreport(report=report)
 
-    def teardown_controller_side(self, nextitem: pytest.Item | None) -> None:
+    def _with_controller_teardown(self, teardown: pytest.TestReport, nextitem) -> pytest.TestReport:
         """Tear down what plain tests set up here and ``nextitem`` does not need.
 
         The container ran its own setup and teardown; this process only has to keep
-        its SetupState in the shape pytest expects before the next item.
+        pytest's SetupState in the shape it expects before the next item. An error
+        there belongs to this item's teardown, as it would in a plain run.
         """
         setupstate = getattr(self.item.session, "_setupstate", None)
         if setupstate is None or not getattr(setupstate, "stack", True):
-            return
-        info = pytest.CallInfo.from_call(lambda: setupstate.teardown_exact(nextitem), when="teardown")
-        if info.excinfo is not None:
-            report = self.item.ihook.pytest_runtest_makereport(item=self.item, call=info)
-            self.item.ihook.pytest_runtest_logreport(report=report)
+            return teardown
+
+        def controller_teardown():
+            __tracebackhide__ = True
+            setupstate.teardown_exact(nextitem)
+
+        info = pytest.CallInfo.from_call(controller_teardown, when="teardown")
+        if info.excinfo is None:
+            return teardown
+        report = self.item.ihook.pytest_runtest_makereport(item=self.item, call=info)
+        if teardown.passed:
+            report.sections = teardown.sections + report.sections
+            return report
+        teardown.sections.append(("teardown in the pytest process", str(report.longrepr)))
+        return teardown

@@ -54,7 +54,8 @@ def enter_host(spec: dict) -> list[str]:
     ``spec``: {"entries": image entries, "sources": user-mount sources, "cwd": str,
     "hostname": str}. The launcher execs the host interpreter right after this.
     """
-    process.die_with_parent(os.getppid())
+    controller = os.getppid()
+    process.die_with_parent(controller)
     if os.geteuid() == 0:
         # Real root builds the stage *before* joining the user namespace: only real
         # root can open host paths such as an interpreter under /root (mode 700) and
@@ -69,12 +70,16 @@ def enter_host(spec: dict) -> list[str]:
         user_ns.enter_rootless()
         syscalls.unshare(syscalls.CLONE_NEWNS)
         notes = rootfs.build_stage(spec["entries"], spec["sources"], (0, 0))
+    # Changing uids (root's join above) clears the parent-death signal: set it again.
+    process.die_with_parent(controller)
     # Module-level code of test files runs in the host during collection: give it no
     # network and no host hostname or SysV IPC either.
     syscalls.unshare(HOST_NAMESPACES)
     network.bring_up_loopback()
     socket.sethostname(spec.get("hostname") or "isolated")
+    # Temporary files go to the containers' own /tmp, not to a host path they lack.
     os.environ["TMPDIR"] = "/tmp"
+    os.environ.pop("PYTEST_DEBUG_TEMPROOT", None)
     try:
         os.chdir(spec["cwd"])
     except OSError:
