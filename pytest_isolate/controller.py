@@ -97,10 +97,13 @@ class ContainerHost:
         config = self.controller.config
         self._send(("start", {
             "entries": self.entries, "args": self.args, "option_dict": _plain_options(config.option),
-            "workerinput": self.controller.workerinput, "sys_path": list(sys.path),
+            "workerinput": self.controller.workerinput, "sys_path": list(sys.path), "argv": list(sys.argv),
             "collect": self.mode == "fork",
         }))
-        name, data = self._receive()
+        try:
+            name, data = self._receive()
+        except HostError as exc:
+            raise HostError(f"the container host failed while starting ({exc})") from None
         if name == "host_error":
             raise HostError(
                 f"the container host could not be built: {data['message']}\n"

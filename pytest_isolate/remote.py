@@ -283,7 +283,7 @@ class Host(ContainerReporter):
     def _fresh_payload(self, nodeid: str, fresh_arg: str, event_w: int, deadline, link_fd: int):
         job = {
             "option_dict": self.start["option_dict"], "workerinput": self.start["workerinput"],
-            "sys_path": self.start["sys_path"], "args": [fresh_arg], "nodeid": nodeid,
+            "sys_path": self.start["sys_path"], "argv": self.start["argv"], "args": [fresh_arg], "nodeid": nodeid,
             "event_fd": event_w, "crash_fd": self.crash_fd, "capture_link_fd": link_fd, "deadline": deadline,
         }
 
@@ -319,6 +319,7 @@ class FreshRunner(ContainerReporter):
 def fresh_main() -> None:
     job = json.loads(os.environ.pop(JOB_ENV))
     sys.path[:] = job["sys_path"]
+    sys.argv[:] = job["argv"]
     quiet_session_output()
     config = make_config(job["option_dict"], job["args"], job["workerinput"])
     config.pluginmanager.register(FreshRunner(config, job), "isolate-fresh")
@@ -333,6 +334,7 @@ def serve(channel) -> None:
         return
     name, start = channel.receive()
     sys.path[:] = start["sys_path"]
+    sys.argv[:] = start["argv"]  # e.g. doctest.testmod() reads '-v' from it
     start["session_output_fd"] = quiet_session_output()
     config = make_config(start["option_dict"], start["args"], start["workerinput"])
     config.pluginmanager.register(Host(config, channel, start), "isolate-host")
