@@ -179,7 +179,10 @@ class ContainerReporter:
         _use_crash_log(self.config, crash_fd, deadline)
         if self.config.getoption("capture") == "no":
             sys.stdout = sys.__stdout__
-        self.config.hook.pytest_runtest_protocol(item=item, nextitem=None)
+        try:
+            self.config.hook.pytest_runtest_protocol(item=item, nextitem=None)
+        except pytest.exit.Exception as exc:
+            events.send(event_fd, "session_exit", {"reason": exc.msg, "returncode": exc.returncode})
         events.send(event_fd, "finished", {})
         sys.stdout.flush()
         sys.stderr.flush()

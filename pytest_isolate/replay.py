@@ -64,6 +64,7 @@ class Replay:
         self.finished = False
         self.problem: str | None = None  # why the container could not run the test
         self.done: dict = {}
+        self.session_exit: dict | None = None  # pytest.exit() inside the container
 
     def handle(self, name: str, data: dict) -> None:
         if name == "report":
@@ -83,6 +84,8 @@ class Replay:
             ))
         elif name == "testsuite_property":
             self._record_testsuite_property(data["name"], data["value"])
+        elif name == "session_exit":
+            self.session_exit = data
         elif name == "finished":
             self.finished = True
         elif name == "container_error":
@@ -152,8 +155,7 @@ class Replay:
                 pass
 
     def _report(self, phase: str, error: BaseException | None, sections=()) -> pytest.TestReport:
-        def container_phase():
-            __tracebackhide__ = True
+        def container_phase():  # pytrace=False errors show as their message alone
             if error is not None:
                 raise error
 
@@ -164,6 +166,10 @@ class Replay:
 
     def finish(self, nextitem: pytest.Item | None) -> None:
         """Report what the container could not, then the teardown, once."""
+        if self.session_exit is not None:
+            # As in a plain run: pytest.exit() skips the rest of the protocol and
+            # ends the session, with its reason and return code.
+            raise pytest.exit.Exception(self.session_exit["reason"], self.session_exit["returncode"])
         if not (self.finished or self.done.get("finished")):
             self._report_crash()
         teardown = self.seen.get("teardown") or self._report("teardown", None)
