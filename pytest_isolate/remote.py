@@ -4,11 +4,16 @@ Like xdist's ``remote.py`` this module is shipped to the other process by execne
 (``gateway.remote_exec(remote)``) and imports nothing of the plugin: only pytest and
 the stdlib-only ``pytest_isolate.runtime``. It speaks small named events:
 
-    controller -> host   ("start", {...})  ("run", {nodeid, container, mode, timeout})
-                         ("shutdown", {})
+    controller -> host   ("start", {...})   ("shutdown", {})
+                         ("run", {nodeid, mode, timeout, container_config, fresh_arg})
     host -> controller   ("ready", {...}) | ("host_error", {message})
-                         per test: ("report", {data}) ("warning", {...})
-                         ("container_error", {...}) then ("done", {...})
+                         per test, relayed from its container as they come:
+                           ("report", {data})  ("warning", {...})
+                           ("testsuite_property", {...})  ("session_exit", {...})
+                           ("finished", {})  or why not: ("container_error", {...}),
+                           ("not_collected", {...}), ("corrupt", {...})
+                         then the host's own ("done", {status, timed_out, stdout,
+                         stderr, crashlog, duration})
 
 The host collects the session once. For each test it forks a container
 (``runtime.container.start``) whose payload either runs the collected item in the
