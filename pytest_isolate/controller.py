@@ -3,6 +3,7 @@ what their containers report as ordinary pytest reports."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -15,7 +16,7 @@ import pytest
 
 from . import images, remote
 from .replay import Replay
-from .options import Settings
+from .options import LANDLOCK_WRITABLE, Settings
 from .runtime import launch, rootfs
 
 # Options that must differ in a container host (xdist's remote does the same).
@@ -134,10 +135,16 @@ class ContainerHost:
              "ro": m.readonly}
             for m in settings.mounts
         ]
+        landlock = None
+        if settings.landlock is not None:
+            landlock = list(LANDLOCK_WRITABLE) + [m.dst for m in settings.mounts if not m.readonly]
+            landlock += list(settings.landlock)
         self._send(("run", {
             "nodeid": nodeid, "mode": settings.mode, "timeout": settings.timeout, "fresh_arg": fresh_arg,
+            "seccomp": self.controller.seccomp_profile(settings.seccomp),
             "container_config": {"hostname": settings.hostname, "env": dict(settings.env),
-                                 "mounts": mounts, "cwd": self.cwd},
+                                 "mounts": mounts, "cwd": self.cwd, "cap_add": list(settings.cap_add),
+                                 "system_paths": settings.system_paths, "landlock": landlock},
         }))
         # The host enforces the timeout; this only guards against a host that hangs.
         watchdog = None if settings.timeout is None else settings.timeout + 60
@@ -164,12 +171,26 @@ class Controller:
         self.failed_hosts: dict[tuple[str, str], str] = {}
         self.sources: list[dict] = []
         self._images: dict[str, list[dict]] = {}
+        self._profiles: dict[str, dict] = {}
         self._source_index: dict[tuple[str, bool], int] = {}
         self.workerinput = dict(getattr(config, "workerinput", None) or {
             "workerid": "master", "workercount": 1, "testrunuid": uuid.uuid4().hex,
         })
         self.workerinput["isolate_host"] = True
         self.tests_run = 0
+
+    def seccomp_profile(self, setting: str) -> dict | None:
+        """What the host compiles: None (unconfined), {} (the default profile, with
+        the terminal-injection filter), or a user's profile (read once here: the
+        host cannot see its path)."""
+        if setting == "unconfined":
+            return None
+        if setting == "default":
+            return {}
+        if setting not in self._profiles:
+            with open(setting) as f:
+                self._profiles[setting] = json.load(f)
+        return self._profiles[setting]
 
     def image_entries(self, image: str) -> list[dict]:
         if image not in self._images:

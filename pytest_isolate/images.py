@@ -72,6 +72,7 @@ def host_image(project_paths: Iterable[str]) -> list[dict]:
         entries.append({"type": "bind", "dst": path, "src": path, "ro": True, "idmap": path in project})
     entries += [
         {"type": "proc", "dst": "/proc"},
+        {"type": "sysfs", "dst": "/sys"},
         {"type": "tmpfs", "dst": "/tmp", "mode": "1777"},
         {"type": "tmpfs", "dst": "/dev", "mode": "755"},
         {"type": "devpts", "dst": "/dev/pts"},

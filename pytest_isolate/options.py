@@ -7,6 +7,7 @@ Every value is checked here, before any container starts; a bad one is a
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from typing import Any, Callable
@@ -14,6 +15,9 @@ from typing import Any, Callable
 MODES = ("fork", "fresh")
 IMAGES = ("host",)
 DEFAULT_HOSTNAME = "isolated"
+# What stays writable under ``landlock`` (inside the container), besides :rw mounts.
+LANDLOCK_WRITABLE = ("/tmp", "/dev/shm", "/dev/pts", "/dev/null", "/dev/zero", "/dev/full",
+                     "/dev/random", "/dev/urandom", "/dev/tty")
 # Labels of letters, digits and '-' (not at either end), joined by dots; Linux takes
 # up to 64 characters in all (HOST_NAME_MAX).
 _HOSTNAME = re.compile(r"^(?!-)[A-Za-z0-9-]+(?<!-)(\.(?!-)[A-Za-z0-9-]+(?<!-))*$")
@@ -44,6 +48,10 @@ class Settings:
     hostname: str = DEFAULT_HOSTNAME
     env: tuple[tuple[str, str], ...] = ()
     mounts: tuple[Mount, ...] = ()
+    seccomp: str = "default"
+    cap_add: tuple[str, ...] = ()
+    landlock: tuple[str, ...] | None = None  # extra writable paths when on
+    system_paths: str = "masked"
 
 
 # -- validators: (raw value, base dir for relative paths) -> value ---------------------
@@ -146,6 +154,82 @@ def parse_mounts(value: Any, base: str) -> tuple[Mount, ...]:
     return tuple(mounts)
 
 
+def parse_seccomp(value: Any, base: str) -> str:
+    """"default", "unconfined", or the path of a profile in Docker's JSON format."""
+    accepted = "'default', 'unconfined', or the path of a seccomp profile in Docker's JSON format"
+    if value in ("default", "unconfined"):
+        return value
+    if not isinstance(value, str) or not value:
+        raise OptionError(f"got {value!r}; accepted: {accepted}")
+    path = os.path.realpath(os.path.join(base, os.path.expanduser(value)))
+    try:
+        with open(path) as f:
+            profile = json.load(f)
+    except OSError as exc:
+        raise OptionError(f"cannot read {path}: {exc.strerror}; accepted: {accepted}") from None
+    except ValueError as exc:
+        raise OptionError(f"{path} is not JSON ({exc}); accepted: {accepted}") from None
+    if not isinstance(profile, dict) or not isinstance(profile.get("syscalls", []), list):
+        raise OptionError(f"{path} is not a seccomp profile (no 'syscalls' list); accepted: {accepted}")
+    from .runtime import seccomp
+
+    try:  # compile it once now, so that a bad profile is a usage error
+        seccomp.compile_profile(profile)
+    except (seccomp.SeccompError, KeyError, TypeError, ValueError) as exc:
+        raise OptionError(f"{path}: {exc}") from None
+    return path
+
+
+def parse_cap_add(value: Any, base: str) -> tuple[str, ...]:
+    """Capability names, with or without CAP_, any case; "ALL" grants every one."""
+    from .runtime.capabilities import NUMBERS
+
+    if isinstance(value, str):
+        value = [v for v in value.replace(",", " ").split()]
+    if not isinstance(value, (list, tuple)):
+        raise OptionError(f"got {value!r}; accepted: a list of capability names, e.g. ['CAP_NET_ADMIN']")
+    names = set()
+    for item in value:
+        name = item.upper() if isinstance(item, str) else None
+        if name == "ALL":
+            names.update(NUMBERS)
+            continue
+        if name and not name.startswith("CAP_"):
+            name = "CAP_" + name
+        if name not in NUMBERS:
+            raise OptionError(f"unknown capability {item!r}; accepted: names from capabilities(7), "
+                              "e.g. CAP_NET_ADMIN, or ALL")
+        names.add(name)
+    return tuple(sorted(names, key=NUMBERS.get))
+
+
+def parse_landlock(value: Any, base: str) -> tuple[str, ...] | None:
+    """False/None: off. True: writes only to /tmp, /dev/shm, the devices and :rw
+    mounts. A list (or comma-separated string): those paths are writable too."""
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in ("", "0", "false", "off", "no", "none"):
+            return None
+        if lowered in ("1", "true", "on", "yes"):
+            return ()
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if value is None or value is False:
+        return None
+    if value is True:
+        return ()
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.startswith("/") for v in value):
+        raise OptionError(f"got {value!r}; accepted: True, False, or a list of absolute paths "
+                          "(inside the container) that stay writable")
+    return tuple(os.path.normpath(v) for v in value)
+
+
+def parse_system_paths(value: Any, base: str) -> str:
+    if value not in ("masked", "unconfined"):
+        raise OptionError(f"got {value!r}; accepted: 'masked' (Docker's masked and read-only "
+                          "/proc and /sys paths) or 'unconfined'")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class Option:
     name: str  # the marker keyword
@@ -156,8 +240,8 @@ class Option:
 
     @property
     def flag(self) -> str:
-        return "--isolate-" + self.name.replace("_", "-").rstrip("s") if self.multiple \
-            else "--isolate-" + self.name.replace("_", "-")
+        singular = {"mounts": "mount"}.get(self.name, self.name)
+        return "--isolate-" + singular.replace("_", "-")
 
     @property
     def ini(self) -> str:
@@ -177,6 +261,14 @@ OPTIONS = (
            "KEY=VALUE", multiple=True),
     Option("mounts", parse_mounts, "bind a host path into the containers, read-only unless "
            ":rw (repeatable)", "SRC:DST[:ro|rw]", multiple=True),
+    Option("seccomp", parse_seccomp, "seccomp profile: default (Docker-like allowlist), "
+           "unconfined, or a profile file in Docker's JSON format", "PROFILE"),
+    Option("cap_add", parse_cap_add, "capabilities kept inside the containers' user namespace "
+           "(repeatable; default: none)", "CAP", multiple=True),
+    Option("landlock", parse_landlock, "restrict writes with Landlock to /tmp, /dev/shm, the "
+           "devices, :rw mounts and these comma-separated paths (on/off/PATHS)", "on|off|PATHS"),
+    Option("system_paths", parse_system_paths, "masked (default): Docker's masked and read-only "
+           "/proc and /sys paths; unconfined: leave them", "masked|unconfined"),
 )
 BY_NAME = {option.name: option for option in OPTIONS}
 

@@ -204,6 +204,7 @@ class Host(ContainerReporter):
         self.collect_errors: list[str] = []
         self.started = time.perf_counter()
         self.crash_fd = os.memfd_create("pytest-isolate-crashlog", 0)
+        self._seccomp_programs: dict = {}
 
     @pytest.hookimpl
     def pytest_collectreport(self, report: pytest.CollectReport) -> None:
@@ -239,7 +240,24 @@ class Host(ContainerReporter):
             return True
         return None
 
-    def run(self, nodeid: str, container_config: dict, mode: str, timeout, fresh_arg: str) -> None:
+    def seccomp_programs(self, profile: dict | None, caps: tuple[str, ...]) -> tuple[bytes, ...]:
+        """Compiled once per profile and capability set, loaded by every container."""
+        if profile is None:
+            return ()
+        key = (json.dumps(profile, sort_keys=True), caps)
+        if key not in self._seccomp_programs:
+            from pytest_isolate.runtime import seccomp, seccomp_default
+
+            if profile:
+                programs = (seccomp.compile_profile(profile, set(caps)),)
+            else:
+                programs = (seccomp.compile_profile(seccomp_default.default_profile(), set(caps)),
+                            seccomp.terminal_injection_filter(seccomp_default.TERMINAL_INJECTION))
+            self._seccomp_programs[key] = programs
+        return self._seccomp_programs[key]
+
+    def run(self, nodeid: str, container_config: dict, mode: str, timeout, fresh_arg: str,
+            seccomp: dict | None) -> None:
         item = self.items.get(nodeid)
         if item is None and mode == "fork":
             why = "\n".join(self.collect_errors) or "it was not collected there"
@@ -264,7 +282,9 @@ class Host(ContainerReporter):
         else:
             payload = lambda: self.run_item(item, event_w, self.crash_fd, deadline)  # noqa: E731
         started = time.perf_counter()
-        keeper = container.start(dict(container_config, entries=self.start["entries"]), payload, event_w, keep)
+        config = dict(container_config, entries=self.start["entries"],
+                      seccomp_programs=self.seccomp_programs(seccomp, tuple(container_config["cap_add"])))
+        keeper = container.start(config, payload, event_w, keep)
         os.close(event_w)
         if capture_link is not None:
             container_end.close()

@@ -1,16 +1,35 @@
-"""Dropping privileges: every capability set emptied, then no_new_privs.
+"""Dropping privileges: every capability set emptied (or reduced to what the test
+asked for with ``cap_add``), then no_new_privs.
 
 Order is forced:
 * the bounding set goes first, because PR_CAPBSET_DROP needs CAP_SETPCAP, which the
   final capset() removes;
-* the bounding set must be empty at all, because uid 0 (container root) regains
+* the bounding set must be reduced at all, because uid 0 (container root) regains
   ``permitted = bounding`` on every execve() of a non-setuid binary;
-* no_new_privs comes last and keeps setuid/file capabilities from adding anything back.
+* ambient capabilities are raised last (they need permitted and inheritable), so a
+  granted capability survives execve() of a helper such as ``ip``;
+* no_new_privs comes after all of it and keeps setuid/file capabilities from adding
+  anything back.
+
+Granted capabilities are those of the container's user namespace: CAP_NET_ADMIN
+configures the test's own network namespace, never the host's.
 """
 
 from __future__ import annotations
 
 from . import syscalls
+
+# capability(7) numbers, in order.
+NAMES = (
+    "CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID KILL SETGID SETUID SETPCAP "
+    "LINUX_IMMUTABLE NET_BIND_SERVICE NET_BROADCAST NET_ADMIN NET_RAW IPC_LOCK IPC_OWNER "
+    "SYS_MODULE SYS_RAWIO SYS_CHROOT SYS_PTRACE SYS_PACCT SYS_ADMIN SYS_BOOT SYS_NICE "
+    "SYS_RESOURCE SYS_TIME SYS_TTY_CONFIG MKNOD LEASE AUDIT_WRITE AUDIT_CONTROL SETFCAP "
+    "MAC_OVERRIDE MAC_ADMIN SYSLOG WAKE_ALARM BLOCK_SUSPEND AUDIT_READ PERFMON BPF "
+    "CHECKPOINT_RESTORE"
+).split()
+NUMBERS = {f"CAP_{name}": number for number, name in enumerate(NAMES)}
+PR_CAP_AMBIENT_RAISE = 2
 
 
 def last_cap() -> int:
@@ -18,14 +37,20 @@ def last_cap() -> int:
         with open("/proc/sys/kernel/cap_last_cap") as f:
             return int(f.read())
     except (OSError, ValueError):
-        return 40
+        return len(NAMES) - 1
 
 
-def drop_all() -> None:
+def drop_all(keep: frozenset[str] | set[str] = frozenset()) -> None:
+    """Drop every capability but ``keep`` (names like "CAP_NET_ADMIN")."""
+    kept = {NUMBERS[name] for name in keep}
     for cap in range(last_cap() + 1):
-        syscalls.prctl(syscalls.PR_CAPBSET_DROP, cap)
+        if cap not in kept:
+            syscalls.prctl(syscalls.PR_CAPBSET_DROP, cap)
     syscalls.prctl(syscalls.PR_CAP_AMBIENT, syscalls.PR_CAP_AMBIENT_CLEAR_ALL)
-    syscalls.capset(0, 0, 0)
+    mask = sum(1 << cap for cap in kept)
+    syscalls.capset(mask, mask, mask)
+    for cap in sorted(kept):
+        syscalls.prctl(syscalls.PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap)
 
 
 def set_no_new_privs() -> None:

@@ -9,10 +9,11 @@ Process tree (pids as the host sees them)::
            └─ keeper             [_keeper]     forked per test, single-threaded: new
                 │                              mount, uts, ipc, net, pid, cgroup namespaces,
                 │                              the test's root filesystem, lo, hostname
-                └─ init (pid 1)  [_init]       /proc, pivot_root, reaps, reports the
-                     │                         test's exit status
-                     └─ test     [_payload]    new session, fds closed, capabilities
-                                               dropped, no_new_privs; runs the payload
+                └─ init (pid 1)  [_init]       /proc, masked paths, pivot_root, reaps,
+                     │                         reports the test's exit status
+                     └─ test     [_payload]    new session, fds closed, new keyring,
+                                               capabilities dropped, no_new_privs,
+                                               Landlock, seccomp; runs the payload
 
 The payload is a function: in the default mode it runs an already-collected pytest
 item in the forked process; in the strict mode it execs a fresh interpreter. Both
@@ -32,7 +33,7 @@ import socket
 import time
 from typing import Callable, Iterator
 
-from . import capabilities, events, network, process, rootfs, syscalls, user_ns
+from . import capabilities, events, landlock, network, process, rootfs, seccomp, syscalls, user_ns
 
 HOST_NAMESPACES = syscalls.CLONE_NEWNET | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC
 CONTAINER_NAMESPACES = (
@@ -92,7 +93,8 @@ def enter_host(spec: dict) -> list[str]:
 def start(config: dict, payload: Callable[[], None], event_fd: int, keep_fds: set[int]) -> int:
     """Fork one test's container from the host; return the keeper's pid.
 
-    ``config``: {"entries", "mounts", "hostname", "env", "cwd"}. ``event_fd`` is the
+    ``config``: {"entries", "mounts", "hostname", "env", "cwd", "system_paths",
+    "cap_add", "landlock" (writable paths or None), "seccomp_programs"}. ``event_fd`` is the
     write end of the stream the container reports on; ``keep_fds`` are the other fds
     the payload needs (pytest's capture files, the crash log).
     """
@@ -136,6 +138,8 @@ def _init(root: str, config: dict, payload, event_fd: int, keep_fds: set[int]) -
     process.die_with_parent(0)
     # /proc belongs to the pid namespace of the process that mounts it: pid 1 here.
     rootfs.mount_proc(root)
+    if config.get("system_paths", "masked") == "masked":
+        rootfs.mask_system_paths(root)
     rootfs.pivot_into(root)
     test = os.fork()
     if test == 0:
@@ -156,8 +160,17 @@ def _payload(config: dict, payload, event_fd: int, keep_fds: set[int]) -> None:
         os.chdir("/")
     os.environ.update(config.get("env") or {})
     process.close_fds_except({0, 1, 2, event_fd} | keep_fds)
-    capabilities.drop_all()
+    # Keyrings are not namespaced: start from an empty session keyring, before the
+    # seccomp profile takes keyctl() away.
+    syscalls.join_new_session_keyring()
+    capabilities.drop_all(keep=frozenset(config.get("cap_add", ())))
+    # no_new_privs is what lets an unprivileged process install Landlock and
+    # seccomp filters; seccomp comes last, since it forbids calls made above.
     capabilities.set_no_new_privs()
+    if config.get("landlock") is not None:
+        landlock.restrict_writes(config["landlock"])
+    for program in config.get("seccomp_programs", ()):
+        seccomp.load(program)
     payload()
 
 

@@ -194,11 +194,14 @@ def build_stage(
             elif kind == "tmpfs":
                 _makedirs(target, owner)
                 _tmpfs(target, entry.get("mode", "755"))
-            elif kind == "proc":
-                # The host keeps the host's /proc (it is not in a pid namespace of its
-                # own); each test gets a fresh one from build_test_root's caller.
+            elif kind in ("proc", "sysfs"):
+                # The host keeps the host's /proc and /sys, read-only for /sys (it is in
+                # neither a pid nor a network namespace of its own while it builds
+                # this); each test mounts fresh ones.
                 _makedirs(target, owner)
-                syscalls.mount("/proc", target, None, MS_BIND | MS_REC)
+                syscalls.mount("/" + kind.replace("sysfs", "sys"), target, None, MS_BIND | MS_REC)
+                if kind == "sysfs":
+                    remount_readonly(target)
             elif kind == "devpts":
                 _makedirs(target, owner)
         _makedirs(_join(STAGE_ATTACH, SCRATCH), owner)
@@ -288,9 +291,47 @@ def build_test_root(entries: list[dict], mounts: list[dict]) -> str:
                 os.symlink("pts/ptmx", ptmx)
         elif kind == "proc":
             _makedirs(target)
+        elif kind == "sysfs":
+            _makedirs(target)
+            mount_sysfs(root)
     return root
 
 
 def mount_proc(root: str) -> None:
     """Mount a /proc for the caller's pid namespace (call as its pid 1)."""
     syscalls.mount("proc", _join(root, "/proc"), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+
+# Docker's masked and read-only paths: kernel state a container must not read (masked:
+# /dev/null over files, an empty read-only tmpfs over directories) or write.
+MASKED_PATHS = (
+    "/proc/acpi", "/proc/asound", "/proc/interrupts", "/proc/kcore", "/proc/keys",
+    "/proc/latency_stats", "/proc/sched_debug", "/proc/scsi", "/proc/timer_list",
+    "/proc/timer_stats", "/sys/firmware", "/sys/devices/virtual/powercap",
+)
+MASKED_GLOBS = ("/sys/devices/system/cpu/cpu*/thermal_throttle",)
+READ_ONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+
+
+def mask_system_paths(root: str) -> None:
+    """Apply the masked and read-only paths under ``root`` (after /proc and /sys)."""
+    import glob
+
+    targets = [_join(root, p) for p in MASKED_PATHS]
+    targets += [t for pattern in MASKED_GLOBS for t in glob.glob(_join(root, pattern))]
+    for target in targets:
+        if os.path.isdir(target):
+            syscalls.mount("tmpfs", target, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=0,mode=0")
+        elif os.path.exists(target):
+            syscalls.mount(_join(root, "/dev/null"), target, None, MS_BIND)
+    for path in READ_ONLY_PATHS:
+        target = _join(root, path)
+        if os.path.exists(target):
+            syscalls.mount(target, target, None, MS_BIND | MS_REC)
+            remount_readonly(target)
+
+
+def mount_sysfs(root: str) -> None:
+    """A read-only /sys of the caller's network namespace."""
+    target = _join(root, "/sys")
+    syscalls.mount("sysfs", target, "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-_libc = ctypes.CDLL(None, use_errno=True)
+libc = ctypes.CDLL(None, use_errno=True)
 
 # <sched.h>
 CLONE_NEWNS = 0x00020000
@@ -43,10 +43,10 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 # x86_64 and aarch64 system call numbers for calls glibc has no wrapper for.
 _SYSCALLS = {
-    "x86_64": {"pivot_root": 155, "capset": 126, "open_tree": 428, "move_mount": 429,
-               "mount_setattr": 442},
-    "aarch64": {"pivot_root": 41, "capset": 91, "open_tree": 428, "move_mount": 429,
-                "mount_setattr": 442},
+    "x86_64": {"pivot_root": 155, "capset": 126, "keyctl": 250, "open_tree": 428,
+               "move_mount": 429, "mount_setattr": 442},
+    "aarch64": {"pivot_root": 41, "capset": 91, "keyctl": 219, "open_tree": 428,
+                "move_mount": 429, "mount_setattr": 442},
 }
 
 # The new mount API (<linux/mount.h>), used for idmapped binds.
@@ -62,7 +62,7 @@ MOUNT_ATTR_IDMAP = 0x00100000
 _NR = _SYSCALLS.get(os.uname().machine, _SYSCALLS["x86_64"])
 
 
-def _check(result: int, what: str) -> int:
+def check(result: int, what: str) -> int:
     if result < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
@@ -74,7 +74,7 @@ def _b(path: str | None) -> bytes | None:
 
 
 def unshare(flags: int) -> None:
-    _check(_libc.unshare(ctypes.c_int(flags)), f"unshare({describe_flags(flags)})")
+    check(libc.unshare(ctypes.c_int(flags)), f"unshare({describe_flags(flags)})")
 
 
 def mount(
@@ -84,25 +84,25 @@ def mount(
     flags: int = 0,
     data: str | None = None,
 ) -> None:
-    result = _libc.mount(
+    result = libc.mount(
         _b(source), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data)
     )
-    _check(result, f"mount {fstype or source or ''} on {target}")
+    check(result, f"mount {fstype or source or ''} on {target}")
 
 
 def umount2(target: str, flags: int = 0) -> None:
-    _check(_libc.umount2(_b(target), ctypes.c_int(flags)), f"umount {target}")
+    check(libc.umount2(_b(target), ctypes.c_int(flags)), f"umount {target}")
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
-    result = _libc.syscall(
+    result = libc.syscall(
         ctypes.c_long(_NR["pivot_root"]), _b(new_root), _b(put_old)
     )
-    _check(result, f"pivot_root({new_root}, {put_old})")
+    check(result, f"pivot_root({new_root}, {put_old})")
 
 
 def setns(fd: int, nstype: int) -> None:
-    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), f"setns({describe_flags(nstype)})")
+    check(libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), f"setns({describe_flags(nstype)})")
 
 
 class _MountAttr(ctypes.Structure):
@@ -117,21 +117,21 @@ class _MountAttr(ctypes.Structure):
 def idmapped_bind(source_fd: int, target: str, userns_fd: int, attrs: int) -> None:
     """Bind the tree at ``source_fd`` onto ``target``, ids mapped through a user
     namespace: a file owned by on-disk uid N shows as that namespace's uid N."""
-    tree = _check(
-        _libc.syscall(ctypes.c_long(_NR["open_tree"]), ctypes.c_int(source_fd), b"",
+    tree = check(
+        libc.syscall(ctypes.c_long(_NR["open_tree"]), ctypes.c_int(source_fd), b"",
                       ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH | AT_RECURSIVE)),
         f"open_tree for {target}",
     )
     try:
         attr = _MountAttr(attrs | MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
-        _check(
-            _libc.syscall(ctypes.c_long(_NR["mount_setattr"]), ctypes.c_int(tree), b"",
+        check(
+            libc.syscall(ctypes.c_long(_NR["mount_setattr"]), ctypes.c_int(tree), b"",
                           ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE), ctypes.byref(attr),
                           ctypes.c_size_t(ctypes.sizeof(attr))),
             f"idmapping the bind of {target}",
         )
-        _check(
-            _libc.syscall(ctypes.c_long(_NR["move_mount"]), ctypes.c_int(tree), b"",
+        check(
+            libc.syscall(ctypes.c_long(_NR["move_mount"]), ctypes.c_int(tree), b"",
                           ctypes.c_int(-100), _b(target), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)),
             f"move_mount to {target}",
         )
@@ -140,14 +140,23 @@ def idmapped_bind(source_fd: int, target: str, userns_fd: int, attrs: int) -> No
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0) -> int:
-    result = _libc.prctl(
+    result = libc.prctl(
         ctypes.c_int(option),
         ctypes.c_ulong(arg2),
         ctypes.c_ulong(arg3),
         ctypes.c_ulong(0),
         ctypes.c_ulong(0),
     )
-    return _check(result, f"prctl({option})")
+    return check(result, f"prctl({option})")
+
+
+KEYCTL_JOIN_SESSION_KEYRING = 1
+
+
+def join_new_session_keyring() -> None:
+    """Replace the inherited session keyring with a new, empty, anonymous one."""
+    result = libc.syscall(ctypes.c_long(_NR["keyctl"]), ctypes.c_int(KEYCTL_JOIN_SESSION_KEYRING), None)
+    check(result, "keyctl(JOIN_SESSION_KEYRING)")
 
 
 class _CapHeader(ctypes.Structure):
@@ -173,10 +182,10 @@ def capset(effective: int, permitted: int, inheritable: int) -> None:
         data[i].effective = (effective >> shift) & 0xFFFFFFFF
         data[i].permitted = (permitted >> shift) & 0xFFFFFFFF
         data[i].inheritable = (inheritable >> shift) & 0xFFFFFFFF
-    result = _libc.syscall(
+    result = libc.syscall(
         ctypes.c_long(_NR["capset"]), ctypes.byref(header), ctypes.byref(data)
     )
-    _check(result, "capset")
+    check(result, "capset")
 
 
 _FLAG_NAMES = {

@@ -1,0 +1,214 @@
+"""Seccomp: compile a profile once with libseccomp, load the BPF in every container.
+
+Profiles use Docker's JSON format (``defaultAction``, ``syscalls[]`` with ``names``,
+``action``, ``errnoRet``, ``args``, ``includes``/``excludes`` on ``caps`` and
+``arches``), so a user's Docker profile works unchanged.
+
+libseccomp (through ctypes; Debian and Ubuntu always have libseccomp.so.2, which
+systemd and apt depend on) knows every architecture's syscall numbers and emits the
+arch checks; compiling a Docker-size profile costs a few milliseconds, so the host
+does it once per profile and every container then only loads the ready program
+with prctl(2) (a few hundred microseconds). ``docs/security.md`` has the figures.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import platform
+
+from . import syscalls
+
+SCMP_ACT_KILL_PROCESS = 0x80000000
+SCMP_ACT_KILL_THREAD = 0x00000000
+SCMP_ACT_TRAP = 0x00030000
+SCMP_ACT_ERRNO = 0x00050000
+SCMP_ACT_LOG = 0x7FFC0000
+SCMP_ACT_ALLOW = 0x7FFF0000
+SCMP_FLTATR_CTL_NNP = 3
+
+_OPS = {"SCMP_CMP_NE": 1, "SCMP_CMP_LT": 2, "SCMP_CMP_LE": 3, "SCMP_CMP_EQ": 4,
+        "SCMP_CMP_GE": 5, "SCMP_CMP_GT": 6, "SCMP_CMP_MASKED_EQ": 7}
+# Docker's names for the architectures a profile's includes/excludes may list.
+_DOCKER_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "i686": "x86", "armv7l": "arm",
+                "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
+# 32-bit ABIs the kernel runs on these machines, filtered too (else they are killed).
+_SUB_ARCHES = {"x86_64": ("x86", "x32"), "aarch64": ("arm",)}
+
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+
+
+class SeccompError(Exception):
+    """A profile that cannot be compiled, or no libseccomp; the message says why."""
+
+
+class _ArgCmp(ctypes.Structure):
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int),
+                ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
+
+
+def _libseccomp() -> ctypes.CDLL:
+    name = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
+    try:
+        lib = ctypes.CDLL(name, use_errno=True)
+    except OSError:
+        raise SeccompError(
+            "libseccomp is not installed (it compiles the seccomp profile): install it "
+            "(Debian/Ubuntu: apt-get install libseccomp2) or use seccomp='unconfined'"
+        ) from None
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_release.argtypes = [ctypes.c_void_p]
+    lib.seccomp_arch_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+    lib.seccomp_arch_resolve_name.restype = ctypes.c_uint32
+    lib.seccomp_arch_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
+                                           ctypes.c_uint, ctypes.POINTER(_ArgCmp)]
+    lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
+    return lib
+
+
+def _action(name: str, errno_ret: int | None, default_errno: int) -> int:
+    if name == "SCMP_ACT_ERRNO":
+        return SCMP_ACT_ERRNO | ((default_errno if errno_ret is None else errno_ret) & 0xFFFF)
+    actions = {"SCMP_ACT_ALLOW": SCMP_ACT_ALLOW, "SCMP_ACT_KILL": SCMP_ACT_KILL_THREAD,
+               "SCMP_ACT_KILL_THREAD": SCMP_ACT_KILL_THREAD, "SCMP_ACT_KILL_PROCESS": SCMP_ACT_KILL_PROCESS,
+               "SCMP_ACT_TRAP": SCMP_ACT_TRAP, "SCMP_ACT_LOG": SCMP_ACT_LOG}
+    if name not in actions:
+        raise SeccompError(f"unsupported action {name!r}; accepted: SCMP_ACT_ERRNO, "
+                           + ", ".join(actions))
+    return actions[name]
+
+
+def _applies(rule: dict, caps: set[str], arch: str) -> bool:
+    """Docker's includes/excludes: all listed caps held, this arch listed."""
+    includes, excludes = rule.get("includes") or {}, rule.get("excludes") or {}
+    if includes.get("caps") and not set(includes["caps"]) <= caps:
+        return False
+    if includes.get("arches") and arch not in includes["arches"]:
+        return False
+    if excludes.get("caps") and set(excludes["caps"]) & caps:
+        return False
+    if excludes.get("arches") and arch in excludes["arches"]:
+        return False
+    return True
+
+
+def compile_profile(profile: dict, caps: set[str] = frozenset()) -> bytes:
+    """The BPF program (struct sock_filter[]) of a Docker-format profile."""
+    lib = _libseccomp()
+    default_errno = int(profile.get("defaultErrnoRet", errno.EPERM))
+    ctx = lib.seccomp_init(_action(profile.get("defaultAction", "SCMP_ACT_ERRNO"), None, default_errno))
+    if not ctx:
+        raise SeccompError("seccomp_init failed")
+    try:
+        lib.seccomp_attr_set(ctx, SCMP_FLTATR_CTL_NNP, 0)  # we set no_new_privs ourselves
+        machine = platform.machine()
+        for sub in _SUB_ARCHES.get(machine, ()):
+            token = lib.seccomp_arch_resolve_name(sub.encode())
+            if token:
+                lib.seccomp_arch_add(ctx, token)
+        arch = _DOCKER_ARCH.get(machine, machine)
+        for rule in profile.get("syscalls", []):
+            if not _applies(rule, caps, arch):
+                continue
+            action = _action(rule.get("action", "SCMP_ACT_ALLOW"), rule.get("errnoRet"), default_errno)
+            args = rule.get("args") or []
+            array = (_ArgCmp * max(len(args), 1))()
+            for i, arg in enumerate(args):
+                if arg.get("op") not in _OPS:
+                    raise SeccompError(f"unsupported comparison {arg.get('op')!r} in {rule.get('names')}")
+                array[i] = _ArgCmp(int(arg["index"]), _OPS[arg["op"]], int(arg["value"]),
+                                   int(arg.get("valueTwo", 0)))
+            for name in rule.get("names", []):
+                number = lib.seccomp_syscall_resolve_name(name.encode())
+                if number == -1:  # not a syscall of this machine (e.g. a 32-bit-only one)
+                    continue
+                result = lib.seccomp_rule_add_array(ctx, action, number, len(args), array)
+                if result < 0 and -result not in (errno.EEXIST,):
+                    raise SeccompError(f"rule for {name} rejected by libseccomp: {os.strerror(-result)}")
+        read_fd = os.memfd_create("pytest-isolate-seccomp", 0)
+        try:
+            result = lib.seccomp_export_bpf(ctx, read_fd)
+            if result < 0:
+                raise SeccompError(f"seccomp_export_bpf: {os.strerror(-result)}")
+            return os.pread(read_fd, os.fstat(read_fd).st_size, 0)
+        finally:
+            os.close(read_fd)
+    finally:
+        lib.seccomp_release(ctx)
+
+
+# -- the terminal-injection filter ---------------------------------------------------
+# ioctl(fd, TIOCSTI, c) types into a terminal. The request is an int, so the kernel
+# ignores the upper 32 bits of the register: a filter must compare the low 32 bits
+# only, or a request with high bits set slips past (CVE-2019-10063). libseccomp
+# compares all 64 bits and cannot allow "ioctl except X", so this small program is
+# written by hand and stacked on the profile's (seccomp runs every filter and the
+# strictest answer wins).
+
+# struct seccomp_data: nr at 0, arch at 4, args[i] at 16 + 8 i (low word first).
+_OFFSET_NR, _OFFSET_ARCH, _OFFSET_ARG1_LOW = 0, 4, 24
+# AUDIT_ARCH value -> ioctl numbers of that ABI (x32 shares x86_64's arch value).
+_IOCTL_BY_ARCH = {
+    "x86_64": {0xC000003E: (16, 0x40000000 | 514), 0x40000003: (54,)},
+    "aarch64": {0xC00000B7: (29,), 0x40000028: (54,)},
+}
+_BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_RET_K = 0x20, 0x15, 0x06
+
+
+def _assemble(lines: list) -> bytes:
+    """Classic BPF from ``(code, jump_true, jump_false, k)`` tuples and label strings;
+    jumps name a label (or 0 for the next instruction)."""
+    import struct
+
+    labels, position = {}, 0
+    for line in lines:
+        if isinstance(line, str):
+            labels[line] = position
+        else:
+            position += 1
+    program, position = [], 0
+    for line in lines:
+        if isinstance(line, str):
+            continue
+        code, jt, jf, k = line
+        offset = lambda target: 0 if target == 0 else labels[target] - position - 1  # noqa: E731
+        program.append(struct.pack("=HBBI", code, offset(jt), offset(jf), k))
+        position += 1
+    return b"".join(program)
+
+
+def terminal_injection_filter(requests: tuple[int, ...]) -> bytes:
+    """A program that fails ioctl(_, R, _) with EPERM for each R in ``requests``."""
+    arches = _IOCTL_BY_ARCH.get(platform.machine(), {})
+    lines: list = [(_BPF_LD_W_ABS, 0, 0, _OFFSET_ARCH)]
+    lines += [(_BPF_JEQ_K, f"arch-{arch}", 0, arch) for arch in arches]
+    lines += [(_BPF_RET_K, 0, 0, SCMP_ACT_ALLOW)]
+    for arch, numbers in arches.items():
+        lines += [f"arch-{arch}", (_BPF_LD_W_ABS, 0, 0, _OFFSET_NR)]
+        lines += [(_BPF_JEQ_K, "ioctl", 0, number) for number in numbers]
+        lines += [(_BPF_RET_K, 0, 0, SCMP_ACT_ALLOW)]
+    lines += ["ioctl", (_BPF_LD_W_ABS, 0, 0, _OFFSET_ARG1_LOW)]
+    lines += [(_BPF_JEQ_K, "deny", 0, request & 0xFFFFFFFF) for request in requests]
+    lines += [(_BPF_RET_K, 0, 0, SCMP_ACT_ALLOW)]
+    lines += ["deny", (_BPF_RET_K, 0, 0, SCMP_ACT_ERRNO | errno.EPERM)]
+    return _assemble(lines)
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def load(program: bytes) -> None:
+    """Install a compiled program on the calling thread (needs no_new_privs)."""
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = _SockFprog(len(program) // 8, ctypes.addressof(buffer))
+    result = syscalls.libc.prctl(ctypes.c_int(PR_SET_SECCOMP), ctypes.c_ulong(SECCOMP_MODE_FILTER),
+                                  ctypes.byref(fprog), ctypes.c_ulong(0), ctypes.c_ulong(0))
+    syscalls.check(result, "loading the seccomp filter")
