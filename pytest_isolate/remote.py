@@ -282,8 +282,15 @@ class Host(ContainerReporter):
         else:
             payload = lambda: self.run_item(item, event_w, self.crash_fd, deadline)  # noqa: E731
         started = time.perf_counter()
-        config = dict(container_config, entries=self.start["entries"],
-                      seccomp_programs=self.seccomp_programs(seccomp, tuple(container_config["cap_add"])))
+        try:
+            programs = self.seccomp_programs(seccomp, tuple(container_config["cap_add"]))
+        except Exception as exc:  # e.g. no libseccomp: this test errors, the host lives on
+            os.close(event_r)
+            os.close(event_w)
+            self.channel.send(("container_error", {"message": str(exc), "step": "seccomp profile"}))
+            self.channel.send(("done", {"status": None, "finished": False}))
+            return
+        config = dict(container_config, entries=self.start["entries"], seccomp_programs=programs)
         keeper = container.start(config, payload, event_w, keep)
         os.close(event_w)
         if capture_link is not None:

@@ -35,7 +35,7 @@ _OPS = {"SCMP_CMP_NE": 1, "SCMP_CMP_LT": 2, "SCMP_CMP_LE": 3, "SCMP_CMP_EQ": 4,
 _DOCKER_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "i686": "x86", "armv7l": "arm",
                 "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
 # 32-bit ABIs the kernel runs on these machines, filtered too (else they are killed).
-_SUB_ARCHES = {"x86_64": ("x86", "x32"), "aarch64": ("arm",)}
+_SUB_ARCHES = {"x86_64": ("x86",), "aarch64": ("arm",)}
 
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
