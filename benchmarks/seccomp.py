@@ -52,12 +52,12 @@ def main() -> None:
         start = time.perf_counter()
         program = seccomp.compile_profile(profile)
         compile_us.append((time.perf_counter() - start) * 1e6)
-    terminal = seccomp.terminal_injection_filter(seccomp_default.TERMINAL_INJECTION)
+    terminal = seccomp.argument_filter(seccomp_default.TERMINAL_INJECTION)
     load_us = [timed_in_child(lambda: (seccomp.load(program), seccomp.load(terminal))) for _ in range(repeat)]
     both_us = [timed_in_child(lambda: seccomp.load(seccomp.compile_profile(profile))) for _ in range(repeat)]
 
     print(f"default profile: {len(program) // 8} BPF instructions "
-          f"(+{len(terminal) // 8} for the terminal filter); {repeat} runs; microseconds")
+          f"(+{len(terminal) // 8} for the argument filter); {repeat} runs; microseconds")
     print("| step | median | min–max |")
     print("|---|---|---|")
     print(row("compile with libseccomp (once per session)", compile_us))

@@ -252,7 +252,7 @@ class Host(ContainerReporter):
                 programs = (seccomp.compile_profile(profile, set(caps)),)
             else:
                 programs = (seccomp.compile_profile(seccomp_default.default_profile(), set(caps)),
-                            seccomp.terminal_injection_filter(seccomp_default.TERMINAL_INJECTION))
+                            seccomp.argument_filter(seccomp_default.TERMINAL_INJECTION))
             self._seccomp_programs[key] = programs
         return self._seccomp_programs[key]
 

@@ -144,21 +144,29 @@ def compile_profile(profile: dict, caps: set[str] = frozenset()) -> bytes:
         lib.seccomp_release(ctx)
 
 
-# -- the terminal-injection filter ---------------------------------------------------
-# ioctl(fd, TIOCSTI, c) types into a terminal. The request is an int, so the kernel
-# ignores the upper 32 bits of the register: a filter must compare the low 32 bits
-# only, or a request with high bits set slips past (CVE-2019-10063). libseccomp
-# compares all 64 bits and cannot allow "ioctl except X", so this small program is
-# written by hand and stacked on the profile's (seccomp runs every filter and the
-# strictest answer wins).
+# -- the argument filter -------------------------------------------------------------
+# Two checks libseccomp cannot express, in a small program written by hand and
+# stacked on the profile's (seccomp runs every filter; the strictest answer wins):
+#
+# * ioctl(fd, TIOCSTI, c) types into a terminal. The request is an int, so the
+#   kernel ignores the upper 32 bits of the register: the filter compares the low
+#   32 bits only, or a request with high bits set slips past (CVE-2019-10063).
+#   libseccomp compares all 64 bits and cannot say "ioctl, except these".
+# * 32-bit x86 programs create sockets through socketcall(SYS_SOCKET, args), whose
+#   arguments sit in memory, out of any filter's reach: the profile's socket-family
+#   rule cannot apply, so that path is refused as a whole.
 
 # struct seccomp_data: nr at 0, arch at 4, args[i] at 16 + 8 i (low word first).
-_OFFSET_NR, _OFFSET_ARCH, _OFFSET_ARG1_LOW = 0, 4, 24
-# AUDIT_ARCH value -> ioctl numbers of that ABI (x32 shares x86_64's arch value).
-_IOCTL_BY_ARCH = {
-    "x86_64": {0xC000003E: (16, 0x40000000 | 514), 0x40000003: (54,)},
-    "aarch64": {0xC00000B7: (29,), 0x40000028: (54,)},
+_OFFSET_NR, _OFFSET_ARCH = 0, 4
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "i386": 0x40000003, "aarch64": 0xC00000B7, "arm": 0x40000028}
+# (arch, syscall number, argument index, refused values), per machine. The x32 ABI
+# shares x86_64's arch value with bit 30 set in the number.
+_ARGUMENT_RULES = {
+    "x86_64": [("x86_64", 16, 1, "ioctl"), ("x86_64", 0x40000000 | 514, 1, "ioctl"),
+               ("i386", 54, 1, "ioctl"), ("i386", 102, 0, "socketcall")],
+    "aarch64": [("aarch64", 29, 1, "ioctl"), ("arm", 54, 1, "ioctl")],
 }
+SYS_SOCKET = 1  # socketcall(2) operation
 _BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_RET_K = 0x20, 0x15, 0x06
 
 
@@ -184,19 +192,24 @@ def _assemble(lines: list) -> bytes:
     return b"".join(program)
 
 
-def terminal_injection_filter(requests: tuple[int, ...]) -> bytes:
-    """A program that fails ioctl(_, R, _) with EPERM for each R in ``requests``."""
-    arches = _IOCTL_BY_ARCH.get(platform.machine(), {})
+def argument_filter(ioctl_requests: tuple[int, ...]) -> bytes:
+    """Fail with EPERM: ioctl(_, R, _) for each R in ``ioctl_requests`` (low 32 bits
+    compared), and 32-bit socketcall(SYS_SOCKET, _)."""
+    refused = {"ioctl": ioctl_requests, "socketcall": (SYS_SOCKET,)}
+    rules = _ARGUMENT_RULES.get(platform.machine(), [])
+    arches = sorted({arch for arch, *_ in rules})
     lines: list = [(_BPF_LD_W_ABS, 0, 0, _OFFSET_ARCH)]
-    lines += [(_BPF_JEQ_K, f"arch-{arch}", 0, arch) for arch in arches]
+    lines += [(_BPF_JEQ_K, f"arch-{arch}", 0, _AUDIT_ARCH[arch]) for arch in arches]
     lines += [(_BPF_RET_K, 0, 0, SCMP_ACT_ALLOW)]
-    for arch, numbers in arches.items():
+    for arch in arches:
         lines += [f"arch-{arch}", (_BPF_LD_W_ABS, 0, 0, _OFFSET_NR)]
-        lines += [(_BPF_JEQ_K, "ioctl", 0, number) for number in numbers]
+        lines += [(_BPF_JEQ_K, f"rule-{i}", 0, number)
+                  for i, (rule_arch, number, _, _) in enumerate(rules) if rule_arch == arch]
         lines += [(_BPF_RET_K, 0, 0, SCMP_ACT_ALLOW)]
-    lines += ["ioctl", (_BPF_LD_W_ABS, 0, 0, _OFFSET_ARG1_LOW)]
-    lines += [(_BPF_JEQ_K, "deny", 0, request & 0xFFFFFFFF) for request in requests]
-    lines += [(_BPF_RET_K, 0, 0, SCMP_ACT_ALLOW)]
+    for i, (_, _, index, name) in enumerate(rules):
+        lines += [f"rule-{i}", (_BPF_LD_W_ABS, 0, 0, 16 + 8 * index)]  # the argument's low word
+        lines += [(_BPF_JEQ_K, "deny", 0, value & 0xFFFFFFFF) for value in refused[name]]
+        lines += [(_BPF_RET_K, 0, 0, SCMP_ACT_ALLOW)]
     lines += ["deny", (_BPF_RET_K, 0, 0, SCMP_ACT_ERRNO | errno.EPERM)]
     return _assemble(lines)
 

@@ -3,7 +3,8 @@ in a few places, in Docker's JSON format (see ``seccomp.py``).
 
 Everything not listed fails with EPERM. Compared with Docker's default it also
 refuses io_uring (a long line of kernel escapes), AF_ALG sockets and every socket
-family above them (AF_VSOCK, AF_XDP, ...), and TIOCLINUX besides TIOCSTI.
+family above them (AF_VSOCK, AF_XDP, ...), TIOCLINUX besides TIOCSTI, and 32-bit
+socketcall(SYS_SOCKET), whose family argument no filter can see.
 Capability-gated groups apply only when the test asked for the capability
 (``cap_add``), as in Docker.
 """
@@ -29,7 +30,7 @@ ALLOWED = {
     "memory": """brk madvise membarrier memfd_create memfd_secret mincore mlock mlock2 mlockall mmap
         mmap2 mprotect mremap msync munlock munlockall munmap pkey_alloc pkey_free pkey_mprotect
         remap_file_pages""",
-    "processes": """arch_prctl capget capset clone execve execveat exit exit_group fork getcpu
+    "processes": """arch_prctl capget capset execve execveat exit exit_group fork getcpu
         getegid getegid32 geteuid geteuid32 getgid getgid32 getgroups getgroups32 getpgid getpgrp
         getpid getppid getpriority getresgid getresgid32 getresuid getresuid32 getrlimit
         get_robust_list getrusage getsid get_thread_area gettid getuid getuid32 ioprio_get
@@ -57,7 +58,7 @@ ALLOWED = {
         io_destroy io_getevents io_pgetevents io_pgetevents_time64 io_setup io_submit""",
     "sockets": """accept accept4 bind connect getpeername getsockname getsockopt listen recv
         recvfrom recvmmsg recvmmsg_time64 recvmsg send sendmmsg sendmsg sendto setsockopt
-        shutdown socketcall socketpair""",
+        shutdown socketpair""",
     "sysv ipc": """ipc msgctl msgget msgrcv msgsnd semctl semget semop semtimedop
         semtimedop_time64 shmat shmctl shmdt shmget mq_getsetattr mq_notify mq_open
         mq_timedreceive mq_timedreceive_time64 mq_timedsend mq_timedsend_time64 mq_unlink""",
@@ -65,7 +66,7 @@ ALLOWED = {
 
 # Allowed only with the capability that makes them meaningful (Docker's grouping).
 BY_CAPABILITY = {
-    "CAP_SYS_ADMIN": """bpf clone3 fanotify_init fsconfig fsmount fsopen fspick lookup_dcookie
+    "CAP_SYS_ADMIN": """bpf clone clone3 fanotify_init fsconfig fsmount fsopen fspick lookup_dcookie
         mount mount_setattr move_mount open_tree perf_event_open quotactl quotactl_fd
         setdomainname sethostname setns syslog umount umount2 unshare""",
     "CAP_DAC_READ_SEARCH": "open_by_handle_at",
@@ -114,7 +115,7 @@ def default_profile() -> dict:
     syscalls += [{"names": ["personality"], "action": "SCMP_ACT_ALLOW",
                   "args": [{"index": 0, "value": value, "op": "SCMP_CMP_EQ"}]} for value in PERSONALITIES]
     # ioctl; TIOCSTI and TIOCLINUX are refused by a second, hand-written filter
-    # (seccomp.terminal_injection_filter), which libseccomp cannot express.
+    # (seccomp.argument_filter), which libseccomp cannot express.
     syscalls += [{"names": ["ioctl"], "action": "SCMP_ACT_ALLOW"}]
     syscalls += [{"names": _names(names), "action": "SCMP_ACT_ALLOW", "includes": {"caps": [cap]}}
                  for cap, names in BY_CAPABILITY.items()]
