@@ -15,6 +15,7 @@ import execnet
 import pytest
 
 from . import images, remote
+from .limits import Limiter, human
 from .replay import Replay
 from .options import LANDLOCK_WRITABLE, Settings
 from .runtime import launch, rootfs
@@ -84,6 +85,7 @@ class ContainerHost:
         self.collected = 0
         self.gateway = None
         self.channel = None
+        self._zygote_pid: int | None = None
 
     def start(self) -> None:
         started = time.perf_counter()
@@ -128,7 +130,17 @@ class ContainerHost:
         except LINK_ERRORS as exc:
             raise _lost_link(exc) from None
 
-    def run(self, nodeid: str, settings: Settings, fresh_arg: str):
+    def zygote_pid(self) -> int:
+        """The pid of the host's limits zygote (started on first use)."""
+        if self._zygote_pid is None:
+            self._send(("zygote", {}))
+            name, data = self._receive(60)
+            if name != "zygote":
+                raise HostError(f"the container host answered {name!r} instead of starting its zygote")
+            self._zygote_pid = data["pid"]
+        return self._zygote_pid
+
+    def run(self, nodeid: str, settings: Settings, fresh_arg: str, plan):
         """Send one test and yield its events; the last one is ("done", {...})."""
         mounts = [
             {"type": "bind", "dst": m.dst, "stage_src": rootfs.source_path(self.controller.source_index(m)),
@@ -142,9 +154,11 @@ class ContainerHost:
         self._send(("run", {
             "nodeid": nodeid, "mode": settings.mode, "timeout": settings.timeout, "fresh_arg": fresh_arg,
             "seccomp": self.controller.seccomp_profile(settings.seccomp),
+            "in_zygote": plan.group is not None,
             "container_config": {"hostname": settings.hostname, "env": dict(settings.env),
                                  "mounts": mounts, "cwd": self.cwd, "cap_add": list(settings.cap_add),
-                                 "system_paths": settings.system_paths, "landlock": landlock},
+                                 "system_paths": settings.system_paths, "landlock": landlock,
+                                 "rlimits": [list(limit) for limit in plan.rlimits]},
         }))
         # The host enforces the timeout; this only guards against a host that hangs.
         watchdog = None if settings.timeout is None else settings.timeout + 60
@@ -178,6 +192,8 @@ class Controller:
         })
         self.workerinput["isolate_host"] = True
         self.tests_run = 0
+        self.limiter = Limiter()
+        self.usages: list = []
 
     def seccomp_profile(self, setting: str) -> dict | None:
         """What the host compiles: None (unconfined), {} (the default profile, with
@@ -235,17 +251,37 @@ class Controller:
         replay = Replay(item, settings)
         try:
             host = self.host_for(settings)
-            for name, data in host.run(item.nodeid, settings, self._fresh_arg(item)):
-                replay.handle(name, data)
+            plan = self.limiter.plan(settings, host)
+            if plan.error:
+                replay.host_failed(plan.error)
+            else:
+                for name, data in host.run(item.nodeid, settings, self._fresh_arg(item), plan):
+                    replay.handle(name, data)
+                replay.usage = self.limiter.usage(plan, replay.done)
+                replay.oom = self.limiter.killed_by_oom(plan, replay.usage, replay.done)
+                self.usages.append((item.nodeid, replay.usage))
         except HostError as exc:
             self.hosts.pop((settings.mode, settings.image), None)
             replay.host_failed(str(exc))
+        except OSError as exc:  # a cgroup that could not be set up
+            replay.host_failed(f"the limits of this test could not be set: {exc}")
         replay.finish(nextitem)
         self.tests_run += 1
 
     def _fresh_arg(self, item: pytest.Item) -> str:
         path, _, rest = item.nodeid.partition("::")
         return str(self.config.rootpath / path) + ("::" + rest if rest else "")
+
+    def top_consumers(self, count: int) -> list[str]:
+        """The ``count`` isolated tests that used the most memory and CPU."""
+        if count <= 0 or not self.usages:
+            return []
+        lines = []
+        by_memory = sorted(self.usages, key=lambda u: -(u[1].peak_memory or 0))[:count]
+        lines += [f"{human(u.peak_memory):>10} peak memory  {nodeid}" for nodeid, u in by_memory]
+        by_cpu = sorted(self.usages, key=lambda u: -(u[1].cpu_seconds or 0))[:count]
+        lines += [f"{u.cpu_seconds or 0:>8.3f} s CPU time     {nodeid}" for nodeid, u in by_cpu]
+        return lines
 
     def summary_lines(self) -> list[str]:
         lines = [
@@ -260,6 +296,7 @@ class Controller:
     def shutdown(self) -> None:
         for host in self.hosts.values():
             host.close()
+        self.limiter.close()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.group.terminate(timeout=5)

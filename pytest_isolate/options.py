@@ -15,6 +15,9 @@ from typing import Any, Callable
 MODES = ("fork", "fresh")
 IMAGES = ("host",)
 DEFAULT_HOSTNAME = "isolated"
+MAX_PROFILE_SIZE = 1 << 20
+PID_MAX_LIMIT = 4194304  # the kernel's largest pids.max
+MAX_INT64 = (1 << 63) - 1
 # What stays writable under ``landlock`` (inside the container), besides :rw mounts.
 LANDLOCK_WRITABLE = ("/tmp", "/dev/shm", "/dev/pts", "/dev/null", "/dev/zero", "/dev/full",
                      "/dev/random", "/dev/urandom", "/dev/tty")
@@ -29,6 +32,21 @@ _RESERVED_DESTINATIONS = ("/proc", "/dev", "/sys", "/.pytest-isolate")
 
 class OptionError(ValueError):
     """A bad value; the message says what is accepted."""
+
+
+def _show(value: Any) -> str:
+    """repr() for messages: bounded, and safe for values whose repr fails."""
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<a {type(value).__name__}>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _no_nul(text: str, what: str) -> str:
+    if "\0" in text:
+        raise OptionError(f"{what} {_show(text)} contains a NUL byte")
+    return text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,19 +70,28 @@ class Settings:
     cap_add: tuple[str, ...] = ()
     landlock: tuple[str, ...] | None = None  # extra writable paths when on
     system_paths: str = "masked"
+    memory: int | None = None
+    memory_swap: int | None = None
+    cpus: float | None = None
+    pids: int | None = None
+    ulimits: tuple[tuple[str, int, int], ...] = ()
+    limits: str = "strict"
+
+    def has_cgroup_limits(self) -> bool:
+        return any(v is not None for v in (self.memory, self.memory_swap, self.cpus, self.pids))
 
 
 # -- validators: (raw value, base dir for relative paths) -> value ---------------------
 
 def parse_mode(value: Any, base: str) -> str:
     if value not in MODES:
-        raise OptionError(f"got {value!r}; accepted: {', '.join(map(repr, MODES))}")
+        raise OptionError(f"got {_show(value)}; accepted: {', '.join(map(repr, MODES))}")
     return value
 
 
 def parse_image(value: Any, base: str) -> str:
     if value not in IMAGES:
-        raise OptionError(f"got {value!r}; accepted: 'host' (a read-only view of this host)")
+        raise OptionError(f"got {_show(value)}; accepted: 'host' (a read-only view of this host)")
     return value
 
 
@@ -73,23 +100,23 @@ def parse_timeout(value: Any, base: str) -> float | None:
     accepted = "a number of seconds > 0, or None / 0 for no timeout"
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
         return None
-    if isinstance(value, bool):
-        raise OptionError(f"got {value!r}; accepted: {accepted}")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise OptionError(f"got {_show(value)}; accepted: {accepted}")
     try:
         seconds = float(value)
-    except (TypeError, ValueError):
-        raise OptionError(f"got {value!r}; accepted: {accepted}") from None
+    except (ValueError, OverflowError):
+        raise OptionError(f"got {_show(value)}; accepted: {accepted}") from None
     if seconds == 0:
         return None
     if not seconds > 0 or seconds == float("inf"):  # also rejects nan
-        raise OptionError(f"got {value!r}; accepted: {accepted}")
+        raise OptionError(f"got {_show(value)}; accepted: {accepted}")
     return seconds
 
 
 def parse_hostname(value: Any, base: str) -> str:
-    if not isinstance(value, str) or not 0 < len(value) <= 64 or not _HOSTNAME.match(value):
+    if not isinstance(value, str) or not 0 < len(value) <= 64 or not _HOSTNAME.fullmatch(value):
         raise OptionError(
-            f"got {value!r}; accepted: a hostname of at most 64 characters "
+            f"got {_show(value)}; accepted: a hostname of at most 64 characters "
             "(letters, digits, '-' and '.')"
         )
     return value
@@ -103,21 +130,25 @@ def parse_env(value: Any, base: str) -> tuple[tuple[str, str], ...]:
         pairs = {}
         for item in value:
             if not isinstance(item, str) or "=" not in item:
-                raise OptionError(f"got {item!r}; accepted: KEY=VALUE")
+                raise OptionError(f"got {_show(item)}; accepted: KEY=VALUE")
             key, _, val = item.partition("=")
             pairs[key.strip()] = val
         value = pairs
     if not isinstance(value, dict):
-        raise OptionError(f"got {value!r}; accepted: a dict of str to str, e.g. {{'A': '1'}}")
+        raise OptionError(f"got {_show(value)}; accepted: a dict of str to str, e.g. {{'A': '1'}}")
     result = []
     for key, val in value.items():
         if not isinstance(key, str) or not _ENV_NAME.match(key):
-            raise OptionError(f"bad variable name {key!r}; accepted: a non-empty str without '='")
+            raise OptionError(f"bad variable name {_show(key)}; accepted: a non-empty str without '='")
         if isinstance(val, bool) or not isinstance(val, (str, int, float)):
-            raise OptionError(f"bad value for {key!r}: {val!r}; accepted: a str (or a number)")
-        if "\0" in str(val):
-            raise OptionError(f"bad value for {key!r}: it contains a NUL byte")
-        result.append((key, str(val)))
+            raise OptionError(f"bad value for {_show(key)}: {_show(val)}; accepted: a str (or a number)")
+        try:
+            text = str(val)
+        except ValueError:  # an int too large to print
+            raise OptionError(f"bad value for {_show(key)}: {_show(val)}; accepted: a str (or a number)") from None
+        if "\0" in text:
+            raise OptionError(f"bad value for {_show(key)}: it contains a NUL byte")
+        result.append((key, text))
     return tuple(result)
 
 
@@ -126,30 +157,31 @@ def parse_mounts(value: Any, base: str) -> tuple[Mount, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)):
-        raise OptionError(f"got {value!r}; accepted: a list of 'SRC:DST[:ro|rw]' strings")
+        raise OptionError(f"got {_show(value)}; accepted: a list of 'SRC:DST[:ro|rw]' strings")
     mounts = []
     for spec in value:
         if not isinstance(spec, str):
-            raise OptionError(f"got {spec!r}; accepted: 'SRC:DST[:ro|rw]'")
+            raise OptionError(f"got {_show(spec)}; accepted: 'SRC:DST[:ro|rw]'")
         parts = spec.split(":")
         if len(parts) == 3 and parts[2] in ("ro", "rw"):
             src, dst, flag = parts
         elif len(parts) == 2:
             (src, dst), flag = parts, "ro"
         else:
-            raise OptionError(f"got {spec!r}; accepted: 'SRC:DST[:ro|rw]' (ro is the default)")
+            raise OptionError(f"got {_show(spec)}; accepted: 'SRC:DST[:ro|rw]' (ro is the default)")
         if not src or not dst:
-            raise OptionError(f"got {spec!r}; SRC and DST must not be empty")
+            raise OptionError(f"got {_show(spec)}; SRC and DST must not be empty")
+        _no_nul(spec, "the mount")
         src = os.path.realpath(os.path.join(base, os.path.expanduser(src)))
         if not os.path.exists(src):
-            raise OptionError(f"{spec!r}: the source {src} does not exist")
+            raise OptionError(f"{_show(spec)}: the source {_show(src)} does not exist")
         if not dst.startswith("/"):
-            raise OptionError(f"{spec!r}: the destination must be an absolute path")
-        dst = os.path.normpath(dst)
+            raise OptionError(f"{_show(spec)}: the destination must be an absolute path")
+        dst = "/" + os.path.normpath(dst).lstrip("/")  # normpath keeps a leading "//"
         if dst == "/" or ".." in dst.split("/"):
-            raise OptionError(f"{spec!r}: the destination must be below / and without '..'")
+            raise OptionError(f"{_show(spec)}: the destination must be below / and without '..'")
         if any(dst == r or dst.startswith(r + "/") for r in _RESERVED_DESTINATIONS):
-            raise OptionError(f"{spec!r}: {dst} is reserved for the container's own mounts")
+            raise OptionError(f"{_show(spec)}: {dst} is reserved for the container's own mounts")
         mounts.append(Mount(src, dst, flag == "ro"))
     return tuple(mounts)
 
@@ -160,23 +192,27 @@ def parse_seccomp(value: Any, base: str) -> str:
     if value in ("default", "unconfined"):
         return value
     if not isinstance(value, str) or not value:
-        raise OptionError(f"got {value!r}; accepted: {accepted}")
+        raise OptionError(f"got {_show(value)}; accepted: {accepted}")
+    _no_nul(value, "the profile path")
     path = os.path.realpath(os.path.join(base, os.path.expanduser(value)))
     try:
+        if not os.path.isfile(path):
+            raise OptionError(f"{_show(path)} is not a regular file; accepted: {accepted}")
+        if os.path.getsize(path) > MAX_PROFILE_SIZE:
+            raise OptionError(f"{_show(path)} is larger than {MAX_PROFILE_SIZE} bytes; accepted: {accepted}")
         with open(path) as f:
             profile = json.load(f)
     except OSError as exc:
-        raise OptionError(f"cannot read {path}: {exc.strerror}; accepted: {accepted}") from None
-    except ValueError as exc:
-        raise OptionError(f"{path} is not JSON ({exc}); accepted: {accepted}") from None
-    if not isinstance(profile, dict) or not isinstance(profile.get("syscalls", []), list):
-        raise OptionError(f"{path} is not a seccomp profile (no 'syscalls' list); accepted: {accepted}")
+        raise OptionError(f"cannot read {_show(path)}: {exc.strerror}; accepted: {accepted}") from None
+    except (ValueError, RecursionError) as exc:
+        raise OptionError(f"{_show(path)} is not JSON ({_show(str(exc))}); accepted: {accepted}") from None
     from .runtime import seccomp
 
-    try:  # compile it once now, so that a bad profile is a usage error
+    try:  # check it and compile it once now, so that a bad profile is a usage error
+        seccomp.validate_profile(profile)
         seccomp.compile_profile(profile)
-    except (seccomp.SeccompError, KeyError, TypeError, ValueError) as exc:
-        raise OptionError(f"{path}: {exc}") from None
+    except seccomp.SeccompError as exc:
+        raise OptionError(f"{_show(path)}: {exc}") from None
     return path
 
 
@@ -187,17 +223,17 @@ def parse_cap_add(value: Any, base: str) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [v for v in value.replace(",", " ").split()]
     if not isinstance(value, (list, tuple)):
-        raise OptionError(f"got {value!r}; accepted: a list of capability names, e.g. ['CAP_NET_ADMIN']")
+        raise OptionError(f"got {_show(value)}; accepted: a list of capability names, e.g. ['CAP_NET_ADMIN']")
     names = set()
     for item in value:
-        name = item.upper() if isinstance(item, str) else None
+        name = item.upper() if isinstance(item, str) and item.isascii() else None
         if name == "ALL":
             names.update(NUMBERS)
             continue
         if name and not name.startswith("CAP_"):
             name = "CAP_" + name
         if name not in NUMBERS:
-            raise OptionError(f"unknown capability {item!r}; accepted: names from capabilities(7), "
+            raise OptionError(f"unknown capability {_show(item)}; accepted: names from capabilities(7), "
                               "e.g. CAP_NET_ADMIN, or ALL")
         names.add(name)
     return tuple(sorted(names, key=NUMBERS.get))
@@ -218,15 +254,131 @@ def parse_landlock(value: Any, base: str) -> tuple[str, ...] | None:
     if value is True:
         return ()
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.startswith("/") for v in value):
-        raise OptionError(f"got {value!r}; accepted: True, False, or a list of absolute paths "
+        raise OptionError(f"got {_show(value)}; accepted: True, False, or a list of absolute paths "
                           "(inside the container) that stay writable")
-    return tuple(os.path.normpath(v) for v in value)
+    return tuple("/" + os.path.normpath(_no_nul(v, "the path")).lstrip("/") for v in value)
 
 
 def parse_system_paths(value: Any, base: str) -> str:
     if value not in ("masked", "unconfined"):
-        raise OptionError(f"got {value!r}; accepted: 'masked' (Docker's masked and read-only "
+        raise OptionError(f"got {_show(value)}; accepted: 'masked' (Docker's masked and read-only "
                           "/proc and /sys paths) or 'unconfined'")
+    return value
+
+
+_SIZE = re.compile(r"\s*([0-9]{1,20}(?:\.[0-9]{1,9})?)\s*([kmgtp]?)(i?b?)\s*", re.IGNORECASE | re.ASCII)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+
+
+def parse_size(value: Any, what: str) -> int:
+    """Docker's sizes: bytes, or a number with b, k, m, g (binary multiples)."""
+    accepted = f"{what}: a number of bytes, or a size like '64m', '512k', '1.5g'"
+    if isinstance(value, bool):
+        raise OptionError(f"got {_show(value)}; accepted: {accepted}")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and _SIZE.fullmatch(value):
+        number, unit, _ = _SIZE.fullmatch(value).groups()
+        size = int(float(number) * _UNITS[unit.lower()])
+    else:
+        raise OptionError(f"got {_show(value)}; accepted: {accepted}")
+    if not 0 < size <= MAX_INT64:
+        raise OptionError(f"got {_show(value)}; accepted: {accepted} (> 0 and below 8 EiB)")
+    return size
+
+
+def parse_memory(value: Any, base: str) -> int | None:
+    if value is None:
+        return None
+    size = parse_size(value, "memory")
+    if size < 4 << 20:
+        raise OptionError(f"got {_show(value)}; accepted: at least 4m (Docker's minimum is 6m)")
+    return size
+
+
+def parse_memory_swap(value: Any, base: str) -> int | None:
+    """memory + swap, as Docker's --memory-swap; -1: unlimited swap."""
+    if value is None:
+        return None
+    if value in (-1, "-1"):
+        return -1
+    return parse_size(value, "memory_swap (memory plus swap, or -1 for unlimited)")
+
+
+def parse_cpus(value: Any, base: str) -> float | None:
+    accepted = "a number of CPUs > 0 (a quota, like Docker's --cpus: 0.5 is half of one CPU)"
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise OptionError(f"got {_show(value)}; accepted: {accepted}")
+    try:
+        cpus = float(value)
+    except (ValueError, OverflowError):
+        raise OptionError(f"got {_show(value)}; accepted: {accepted}") from None
+    if not 0.01 <= cpus < 1e6:  # also rejects nan and inf
+        raise OptionError(f"got {_show(value)}; accepted: {accepted}, at least 0.01")
+    return cpus
+
+
+def parse_pids(value: Any, base: str) -> int | None:
+    accepted = f"a number of processes and threads from 1 to {PID_MAX_LIMIT}"
+    if value is None:
+        return None
+    if isinstance(value, str) and re.fullmatch(r"\s*[0-9]{1,8}\s*", value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= PID_MAX_LIMIT:
+        raise OptionError(f"got {_show(value)}; accepted: {accepted}")
+    return value
+
+
+RLIMITS = ("as", "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice",
+           "nofile", "nproc", "rss", "rtprio", "rttime", "sigpending", "stack")
+
+
+def parse_ulimits(value: Any, base: str) -> tuple[tuple[str, int, int], ...]:
+    """{"nofile": 1024, "core": 0} or {"nofile": (soft, hard)}; on the command line
+    and in ini files NAME=SOFT[:HARD]. -1 means unlimited."""
+    accepted = ("a dict of rlimit names (" + ", ".join(RLIMITS) + ") to a limit or (soft, hard), "
+                "e.g. {'nofile': 1024, 'core': 0}; NAME=SOFT[:HARD] on the command line")
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, (list, tuple)):
+        pairs = {}
+        for item in value:
+            if not isinstance(item, str) or "=" not in item:
+                raise OptionError(f"got {_show(item)}; accepted: {accepted}")
+            name, _, limit = item.partition("=")
+            soft, _, hard = limit.partition(":")
+            pairs[name.strip()] = (soft.strip(), hard.strip() or soft.strip())
+        value = pairs
+    if not isinstance(value, dict):
+        raise OptionError(f"got {_show(value)}; accepted: {accepted}")
+    result = []
+    for name, limit in value.items():
+        if name not in RLIMITS:
+            raise OptionError(f"unknown rlimit {_show(name)}; accepted: {accepted}")
+        soft, hard = limit if isinstance(limit, (tuple, list)) and len(limit) == 2 else (limit, limit)
+        soft, hard = (_rlimit_number(v) for v in (soft, hard))
+        if soft is None or hard is None or (hard != -1 and (soft == -1 or soft > hard)):
+            raise OptionError(f"bad limit for {_show(name)}: {_show(limit)}; accepted: integers (-1 = unlimited), "
+                              "soft <= hard")
+        result.append((name, soft, hard))
+    return tuple(result)
+
+
+def _rlimit_number(value: Any) -> int | None:
+    """An rlimit value (-1: unlimited), or None when it is not one."""
+    if isinstance(value, str) and re.fullmatch(r"\s*-?[0-9]{1,19}\s*", value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not -1 <= value <= MAX_INT64:
+        return None
+    return value
+
+
+def parse_limits_mode(value: Any, base: str) -> str:
+    if value not in ("strict", "best-effort"):
+        raise OptionError(f"got {_show(value)}; accepted: 'strict' (a limit that cannot be enforced "
+                          "fails the test) or 'best-effort' (fall back to rlimits, and say so)")
     return value
 
 
@@ -240,7 +392,7 @@ class Option:
 
     @property
     def flag(self) -> str:
-        singular = {"mounts": "mount"}.get(self.name, self.name)
+        singular = {"mounts": "mount", "ulimits": "ulimit"}.get(self.name, self.name)
         return "--isolate-" + singular.replace("_", "-")
 
     @property
@@ -269,6 +421,15 @@ OPTIONS = (
            "devices, :rw mounts and these comma-separated paths (on/off/PATHS)", "on|off|PATHS"),
     Option("system_paths", parse_system_paths, "masked (default): Docker's masked and read-only "
            "/proc and /sys paths; unconfined: leave them", "masked|unconfined"),
+    Option("memory", parse_memory, "memory limit of each container, e.g. 64m (cgroup)", "SIZE"),
+    Option("memory_swap", parse_memory_swap, "memory plus swap limit, e.g. 128m; -1: unlimited "
+           "swap (default: as much swap as memory)", "SIZE"),
+    Option("cpus", parse_cpus, "CPU quota of each container, e.g. 0.5 (cgroup)", "CPUS"),
+    Option("pids", parse_pids, "most processes and threads in each container (cgroup)", "N"),
+    Option("ulimits", parse_ulimits, "rlimits inside the containers (repeatable), e.g. nofile=1024 "
+           "or core=0", "NAME=SOFT[:HARD]", multiple=True),
+    Option("limits", parse_limits_mode, "strict (default): a limit that cannot be enforced fails "
+           "the test; best-effort: fall back to rlimits and report it", "strict|best-effort"),
 )
 BY_NAME = {option.name: option for option in OPTIONS}
 
@@ -279,12 +440,16 @@ def merge(layers: list[dict[str, Any]]) -> Settings:
     values: dict[str, Any] = {}
     env: dict[str, str] = {}
     mounts: dict[str, Mount] = {}
+    ulimits: dict[str, tuple[str, int, int]] = {}
     for layer in layers:
         for name, value in layer.items():
             if name == "env":
                 env.update(value)
             elif name == "mounts":
                 mounts.update((m.dst, m) for m in value)
+            elif name == "ulimits":
+                ulimits.update((u[0], u) for u in value)
             else:
                 values[name] = value
-    return Settings(env=tuple(env.items()), mounts=tuple(mounts.values()), **values)
+    return Settings(env=tuple(env.items()), mounts=tuple(mounts.values()),
+                    ulimits=tuple(ulimits.values()), **values)

@@ -22,6 +22,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     "@pytest.mark.isolated")
     parser.addini("isolate", type="bool", default=False,
                   help="run every test in a fresh container (like --isolate)")
+    group.addoption("--isolate-usage", type=int, default=None, metavar="N",
+                    help="list the N isolated tests that used the most memory and CPU "
+                    "(default: 5 when some test had limits, else none; 0: none)")
     for option in opts.OPTIONS:
         group.addoption(option.flag, dest=f"isolate_{option.name}", metavar=option.metavar,
                         action="append" if option.multiple else "store", default=None,
@@ -158,6 +161,14 @@ class IsolatePlugin:
         if lines:
             terminalreporter.write_sep("-", "pytest-isolate")
             for line in lines:
+                terminalreporter.write_line(line)
+        count = self.config.getoption("isolate_usage")
+        if count is None:
+            count = 5 if self.controller.limiter.used else 0
+        top = self.controller.top_consumers(count)
+        if top:
+            terminalreporter.write_sep("-", "pytest-isolate: top consumers")
+            for line in top:
                 terminalreporter.write_line(line)
 
     def pytest_sessionfinish(self) -> None:

@@ -35,6 +35,7 @@ import time
 import pytest
 
 from pytest_isolate.runtime import container, events
+from pytest_isolate.runtime import zygote as zygote_module
 
 HOST_ERROR_ENV = "PYTEST_ISOLATE_HOST_ERROR"
 HOST_NOTES_ENV = "PYTEST_ISOLATE_HOST_NOTES"
@@ -205,6 +206,7 @@ class Host(ContainerReporter):
         self.started = time.perf_counter()
         self.crash_fd = os.memfd_create("pytest-isolate-crashlog", 0)
         self._seccomp_programs: dict = {}
+        self._zygote: zygote_module.Zygote | None = None
 
     @pytest.hookimpl
     def pytest_collectreport(self, report: pytest.CollectReport) -> None:
@@ -228,9 +230,12 @@ class Host(ContainerReporter):
         gc.freeze()
         while True:
             name, kwargs = self.channel.receive()
-            if name != "run":
+            if name == "zygote":  # the controller puts it into the limits cgroup
+                self.channel.send(("zygote", {"pid": self.zygote.pid}))
+            elif name == "run":
+                self.run(**kwargs)
+            else:
                 return True
-            self.run(**kwargs)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection(self, session: pytest.Session):
@@ -257,11 +262,16 @@ class Host(ContainerReporter):
         return self._seccomp_programs[key]
 
     def run(self, nodeid: str, container_config: dict, mode: str, timeout, fresh_arg: str,
-            seccomp: dict | None) -> None:
-        item = self.items.get(nodeid)
-        if item is None and mode == "fork":
+            seccomp: dict | None, in_zygote: bool = False) -> None:
+        if nodeid not in self.items and mode == "fork":
             why = "\n".join(self.collect_errors) or "it was not collected there"
             self.channel.send(("done", {"not_collected": why}))
+            return
+        try:
+            programs = self.seccomp_programs(seccomp, tuple(container_config["cap_add"]))
+        except Exception as exc:  # e.g. no libseccomp: this test errors, the host lives on
+            self.channel.send(("container_error", {"message": str(exc), "step": "seccomp profile"}))
+            self.channel.send(("done", {"status": None, "finished": False}))
             return
         capman = self.config.pluginmanager.getplugin("capturemanager")
         capturing = capman is not None and capman.is_globally_capturing()
@@ -270,32 +280,24 @@ class Host(ContainerReporter):
         os.ftruncate(self.crash_fd, 0)
         os.lseek(self.crash_fd, 0, os.SEEK_SET)  # the container writes at this offset
         event_r, event_w = os.pipe2(os.O_CLOEXEC)
-        deadline = time.monotonic() + timeout if timeout else None
-        keep = _capture_fds(self.config) | {self.crash_fd, self.start["session_output_fd"]}
-        capture_link = None
+        request = {"nodeid": nodeid, "mode": mode, "fresh_arg": fresh_arg,
+                   "deadline": time.monotonic() + timeout if timeout else None,
+                   "config": dict(container_config, seccomp_programs=programs)}
+        fds, capture_link = [event_w], None
         if mode == "fresh":
             # The fresh interpreter hands its capture files over this link before
             # the test runs, so that output printed before a crash survives it.
             capture_link, container_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-            keep.add(container_end.fileno())
-            payload = self._fresh_payload(nodeid, fresh_arg, event_w, deadline, container_end.fileno())
-        else:
-            payload = lambda: self.run_item(item, event_w, self.crash_fd, deadline)  # noqa: E731
+            fds.append(container_end.fileno())
         started = time.perf_counter()
-        try:
-            programs = self.seccomp_programs(seccomp, tuple(container_config["cap_add"]))
-        except Exception as exc:  # e.g. no libseccomp: this test errors, the host lives on
-            os.close(event_r)
-            os.close(event_w)
-            self.channel.send(("container_error", {"message": str(exc), "step": "seccomp profile"}))
-            self.channel.send(("done", {"status": None, "finished": False}))
-            return
-        config = dict(container_config, entries=self.start["entries"], seccomp_programs=programs)
-        keeper = container.start(config, payload, event_w, keep)
+        if in_zygote:
+            keeper, reap = self.zygote.start(request, fds), self.zygote.reap
+        else:
+            keeper, reap = container.start(*self.prepare(request, fds)), None
         os.close(event_w)
         if capture_link is not None:
             container_end.close()
-        supervisor = container.Supervisor(keeper, event_r, timeout and timeout + KILL_GRACE)
+        supervisor = container.Supervisor(keeper, event_r, timeout and timeout + KILL_GRACE, reap)
         finished = False
         for name, data in supervisor.events():
             finished = finished or name == "finished"
@@ -310,10 +312,30 @@ class Host(ContainerReporter):
             capture_link.close()
         self.channel.send(("done", {
             "status": supervisor.exit_status, "timed_out": supervisor.timed_out,
-            "finished": finished, "stdout": out, "stderr": err,
+            "finished": finished, "stdout": out, "stderr": err, "rusage": supervisor.rusage,
             "crashlog": os.pread(self.crash_fd, 1 << 20, 0).decode("utf-8", "replace"),
             "duration": time.perf_counter() - started,
         }))
+
+    def prepare(self, request: dict, fds: list[int]) -> tuple:
+        """What runtime.container.start needs for ``request`` (here or in the zygote)."""
+        event_w = fds[0]
+        config = dict(request["config"], entries=self.start["entries"])
+        keep = _capture_fds(self.config) | {self.crash_fd, self.start["session_output_fd"]}
+        if request["mode"] == "fresh":
+            keep.add(fds[1])
+            payload = self._fresh_payload(request["nodeid"], request["fresh_arg"], event_w,
+                                          request["deadline"], fds[1])
+        else:
+            item = self.items[request["nodeid"]]
+            payload = lambda: self.run_item(item, event_w, self.crash_fd, request["deadline"])  # noqa: E731
+        return config, payload, event_w, keep
+
+    @property
+    def zygote(self) -> zygote_module.Zygote:
+        if self._zygote is None:
+            self._zygote = zygote_module.Zygote(self.prepare)
+        return self._zygote
 
     def _fresh_payload(self, nodeid: str, fresh_arg: str, event_w: int, deadline, link_fd: int):
         job = {

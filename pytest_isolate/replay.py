@@ -65,6 +65,8 @@ class Replay:
         self.problem: str | None = None  # why the container could not run the test
         self.done: dict = {}
         self.session_exit: dict | None = None  # pytest.exit() inside the container
+        self.usage = None  # limits.Usage, set by the controller after "done"
+        self.oom: str | None = None  # why, when the OOM killer ended the test
 
     def handle(self, name: str, data: dict) -> None:
         if name == "report":
@@ -127,6 +129,8 @@ class Replay:
     def _reason(self, phase: str) -> str:
         if self.problem:
             return self.problem
+        if self.oom:
+            return self.oom
         if self.done.get("timed_out"):
             return (f"Timeout: the test ran longer than timeout={self.settings.timeout:g}s "
                     f"(setup, call and teardown together); its container was killed "
@@ -174,6 +178,12 @@ class Replay:
             self._report_crash()
         teardown = self.seen.get("teardown") or self._report("teardown", None)
         teardown = self._with_controller_teardown(teardown, nextitem)
+        if self.usage is not None:  # junitxml reads properties from the teardown report
+            teardown.user_properties = list(teardown.user_properties) + self.usage.properties()
+            # The report itself says it for limited tests (and with -vv), so that a
+            # plain isolated failure reads exactly as it would without isolation.
+            if self.settings.has_cgroup_limits() or self.config.get_verbosity() >= 2:
+                teardown.sections.append(("pytest-isolate usage (after teardown)", self.usage.text()))
         self.item.ihook.pytest_runtest_logreport(report=teardown)
 
     def _report_crash(self) -> None:

@@ -146,11 +146,18 @@ def test_every_outcome_reads_as_in_a_plain_run(pytester, run, monkeypatch, mode)
     ])
 
 
+USAGE_PROPERTIES = {"isolate_peak_memory_bytes", "isolate_cpu_seconds"}
+
+
 def junit_cases(path) -> list[tuple]:
-    """(name, child tags, properties, failure/skip message) for each testcase."""
+    """(name, child tags, properties, failure/skip message) for each testcase; the
+    usage properties every isolated test gets are checked, then left out."""
     cases = []
     for case in ET.parse(path).getroot().iter("testcase"):
         props = {p.get("name"): p.get("value") for p in case.iter("property")}
+        usage = {name for name in props if name.startswith("isolate_")}
+        assert usage in (set(), USAGE_PROPERTIES), usage
+        props = {name: value for name, value in props.items() if name not in usage}
         tags = sorted(child.tag for child in case if child.tag != "properties")
         messages = [child.get("message") for child in case if child.tag in ("failure", "skipped", "error")]
         cases.append((case.get("name"), tags, props, messages))
@@ -176,6 +183,8 @@ def test_junitxml_gets_properties_and_outcomes_as_in_a_plain_run(pytester, run) 
     isolated = run("--isolate", "--junitxml=isolated.xml")
     plain = run("-p", "no:isolate", "--junitxml=plain.xml")
     isolated.assert_outcomes(passed=1, failed=1, skipped=1, xfailed=1, errors=1)
+    usage = {p.get("name") for p in ET.parse(pytester.path / "isolated.xml").getroot().iter("property")}
+    assert USAGE_PROPERTIES <= usage, "every isolated test reports its usage"
     cases = junit_cases(pytester.path / "isolated.xml")
     assert cases == junit_cases(pytester.path / "plain.xml")
     by_name = {name: (tags, props, messages) for name, tags, props, messages in cases}
@@ -194,8 +203,8 @@ def test_junitxml_gets_testsuite_properties_of_isolated_tests(pytester, run) -> 
     pytester.makepyfile("def test_suite_prop(record_testsuite_property):\n"
                         "    record_testsuite_property('build', '1234')")
     run("--isolate", "--junitxml=out.xml").assert_outcomes(passed=1)
-    props = {p.get("name"): p.get("value")
-             for p in ET.parse(pytester.path / "out.xml").getroot().iter("property")}
+    suite = ET.parse(pytester.path / "out.xml").getroot().find("testsuite")
+    props = {p.get("name"): p.get("value") for p in suite.find("properties").iter("property")}
     assert props == {"build": "1234"}
 
 
@@ -321,7 +330,7 @@ def test_crashes_fail_only_their_test_with_reason_output_and_traceback(pytester,
     assert "signal 11 (SIGSEGV)" in cases["test_segv"].find("failure").get("message")
     assert "status 3" in cases["test_exit"].find("failure").get("message")
     assert cases["test_setup_crash"].find("error") is not None
-    assert list(cases["test_last"]) == []
+    assert [child.tag for child in cases["test_last"]] == ["properties"]  # usage only
 
 
 def test_crash_report_is_the_reason_then_the_output(pytester, run) -> None:

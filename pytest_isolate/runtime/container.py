@@ -27,6 +27,7 @@ mount and namespace: nothing is created outside these namespaces.
 from __future__ import annotations
 
 import os
+import resource
 import select
 import signal
 import socket
@@ -160,6 +161,13 @@ def _payload(config: dict, payload, event_fd: int, keep_fds: set[int]) -> None:
         os.chdir("/")
     os.environ.update(config.get("env") or {})
     process.close_fds_except({0, 1, 2, event_fd} | keep_fds)
+    for name, soft, hard in config.get("rlimits", ()):
+        try:
+            resource.setrlimit(getattr(resource, f"RLIMIT_{name.upper()}"), (soft, hard))
+        except (OSError, ValueError) as exc:
+            current = resource.getrlimit(getattr(resource, f"RLIMIT_{name.upper()}"))
+            raise OSError(getattr(exc, "errno", 1), f"ulimits: cannot set {name} to ({soft}, {hard}); "
+                          f"this process may go no higher than the host's hard limit {current[1]}") from None
     # Keyrings are not namespaced: start from an empty session keyring, before the
     # seccomp profile takes keyctl() away.
     syscalls.join_new_session_keyring()
@@ -179,12 +187,16 @@ def _payload(config: dict, payload, event_fd: int, keep_fds: set[int]) -> None:
 class Supervisor:
     """Relays a container's events to the host and enforces its timeout."""
 
-    def __init__(self, keeper: int, event_r: int, timeout: float | None) -> None:
+    def __init__(self, keeper: int, event_r: int, timeout: float | None, reap=None) -> None:
         self.keeper = keeper
         self.event_r = event_r
         self.deadline = None if not timeout else time.monotonic() + timeout
         self.timed_out = False
         self.exit_status: int | None = None
+        self.rusage: dict = {}
+        # How to collect the keeper: by default it is our child; a zygote's keeper
+        # is collected by the zygote.
+        self._reap = reap or (lambda: reap_with_usage(keeper))
 
     def events(self) -> Iterator[tuple[str, dict]]:
         reader = events.Reader()
@@ -211,7 +223,7 @@ class Supervisor:
                     self.kill()
         finally:
             os.close(self.event_r)
-        _, keeper_status = os.waitpid(self.keeper, 0)
+        keeper_status, self.rusage = self._reap()
         if self.exit_status is None:  # init never reported: the keeper's status tells
             self.exit_status = keeper_status
 
@@ -220,3 +232,10 @@ class Supervisor:
             os.kill(self.keeper, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def reap_with_usage(pid: int) -> tuple[int, dict]:
+    """Wait for ``pid``; its status and the resources its whole tree used (every
+    process in a container is reaped by init, init by the keeper)."""
+    _, status, usage = os.wait4(pid, 0)
+    return status, {"cpu_seconds": usage.ru_utime + usage.ru_stime, "max_rss": usage.ru_maxrss * 1024}

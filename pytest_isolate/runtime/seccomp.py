@@ -99,10 +99,69 @@ def _applies(rule: dict, caps: set[str], arch: str) -> bool:
     return True
 
 
+_ACTIONS = ("SCMP_ACT_ALLOW", "SCMP_ACT_ERRNO", "SCMP_ACT_KILL", "SCMP_ACT_KILL_THREAD",
+            "SCMP_ACT_KILL_PROCESS", "SCMP_ACT_TRAP", "SCMP_ACT_LOG")
+
+
+def validate_profile(profile: object) -> None:
+    """Raise SeccompError saying what is wrong with a Docker-format profile."""
+    def fail(where: str, what: str) -> None:
+        raise SeccompError(f"{where}: {what}")
+
+    def errno_value(where: str, value: object) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 4095):
+            fail(where, "accepted: an errno from 0 to 4095")
+
+    def string_list(where: str, value: object) -> None:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            fail(where, "accepted: a list of strings")
+
+    if not isinstance(profile, dict):
+        fail("the profile", "accepted: a JSON object with 'defaultAction' and 'syscalls'")
+    if profile.get("defaultAction", "SCMP_ACT_ERRNO") not in _ACTIONS:
+        fail("defaultAction", "accepted: " + ", ".join(_ACTIONS))
+    errno_value("defaultErrnoRet", profile.get("defaultErrnoRet"))
+    rules = profile.get("syscalls", [])
+    if not isinstance(rules, list):
+        fail("syscalls", "accepted: a list of rules")
+    for n, rule in enumerate(rules):
+        where = f"syscalls[{n}]"
+        if not isinstance(rule, dict):
+            fail(where, "accepted: an object with 'names' and 'action'")
+        string_list(f"{where}.names", rule.get("names", []))
+        if rule.get("action", "SCMP_ACT_ALLOW") not in _ACTIONS:
+            fail(f"{where}.action", "accepted: " + ", ".join(_ACTIONS))
+        errno_value(f"{where}.errnoRet", rule.get("errnoRet"))
+        for key in ("includes", "excludes"):
+            condition = rule.get(key) or {}
+            if not isinstance(condition, dict):
+                fail(f"{where}.{key}", "accepted: an object with 'caps' and/or 'arches' lists")
+            for field in ("caps", "arches"):
+                if condition.get(field) is not None:
+                    string_list(f"{where}.{key}.{field}", condition[field])
+        args = rule.get("args") or []
+        if not isinstance(args, list) or len(args) > 6:
+            fail(f"{where}.args", "accepted: a list of at most 6 comparisons")
+        for m, arg in enumerate(args):
+            at = f"{where}.args[{m}]"
+            if not isinstance(arg, dict):
+                fail(at, "accepted: an object with 'index', 'value', 'op'")
+            index = arg.get("index")
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= 5:
+                fail(f"{at}.index", "accepted: 0 to 5")
+            for field in ("value", "valueTwo"):
+                value = arg.get(field, 0)
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 64:
+                    fail(f"{at}.{field}", "accepted: an integer from 0 to 2**64-1")
+            if arg.get("op") not in _OPS:
+                fail(f"{at}.op", "accepted: " + ", ".join(_OPS))
+
+
 def compile_profile(profile: dict, caps: set[str] = frozenset()) -> bytes:
     """The BPF program (struct sock_filter[]) of a Docker-format profile."""
     lib = _libseccomp()
-    default_errno = int(profile.get("defaultErrnoRet", errno.EPERM))
+    default_errno = profile.get("defaultErrnoRet")
+    default_errno = errno.EPERM if default_errno is None else default_errno
     ctx = lib.seccomp_init(_action(profile.get("defaultAction", "SCMP_ACT_ERRNO"), None, default_errno))
     if not ctx:
         raise SeccompError("seccomp_init failed")
