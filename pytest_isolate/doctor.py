@@ -225,8 +225,9 @@ def _delegated_v2(v2: str) -> str | None:
 
 
 def check_cgroups() -> Result:
-    meaning = ("resource limits (memory, cpus, pids) cannot be enforced and an OOM kill "
-               "cannot be told apart from another SIGKILL; tests still run isolated.")
+    meaning = ("resource limits (memory, cpus, pids) cannot be enforced: limited tests error at "
+               "setup unless --isolate-limits=best-effort (rlimits instead); other tests still "
+               "run isolated.")
     v1, v2 = _cgroup_mounts()
     if not v1 and not v2:
         return Result("cgroups", MISSING, "no cgroup filesystem mounted", meaning,
