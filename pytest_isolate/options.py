@@ -122,18 +122,24 @@ def parse_hostname(value: Any, base: str) -> str:
     return value
 
 
-def parse_env(value: Any, base: str) -> tuple[tuple[str, str], ...]:
-    """A dict, or KEY=VALUE strings (command line and ini)."""
+def _key_values(value: Any, accepted: str) -> Any:
+    """KEY=VALUE strings (command line and ini) as a dict; anything else as it is."""
     if isinstance(value, str):
         value = [value]
-    if isinstance(value, (list, tuple)):
-        pairs = {}
-        for item in value:
-            if not isinstance(item, str) or "=" not in item:
-                raise OptionError(f"got {_show(item)}; accepted: KEY=VALUE")
-            key, _, val = item.partition("=")
-            pairs[key.strip()] = val
-        value = pairs
+    if not isinstance(value, (list, tuple)):
+        return value
+    pairs = {}
+    for item in value:
+        if not isinstance(item, str) or "=" not in item:
+            raise OptionError(f"got {_show(item)}; accepted: {accepted}")
+        key, _, val = item.partition("=")
+        pairs[key.strip()] = val
+    return pairs
+
+
+def parse_env(value: Any, base: str) -> tuple[tuple[str, str], ...]:
+    """A dict, or KEY=VALUE strings (command line and ini)."""
+    value = _key_values(value, "KEY=VALUE")
     if not isinstance(value, dict):
         raise OptionError(f"got {_show(value)}; accepted: a dict of str to str, e.g. {{'A': '1'}}")
     result = []
@@ -340,17 +346,9 @@ def parse_ulimits(value: Any, base: str) -> tuple[tuple[str, int, int], ...]:
     and in ini files NAME=SOFT[:HARD]. -1 means unlimited."""
     accepted = ("a dict of rlimit names (" + ", ".join(RLIMITS) + ") to a limit or (soft, hard), "
                 "e.g. {'nofile': 1024, 'core': 0}; NAME=SOFT[:HARD] on the command line")
-    if isinstance(value, str):
-        value = [value]
-    if isinstance(value, (list, tuple)):
-        pairs = {}
-        for item in value:
-            if not isinstance(item, str) or "=" not in item:
-                raise OptionError(f"got {_show(item)}; accepted: {accepted}")
-            name, _, limit = item.partition("=")
-            soft, _, hard = limit.partition(":")
-            pairs[name.strip()] = (soft.strip(), hard.strip() or soft.strip())
-        value = pairs
+    if isinstance(value, (str, list, tuple)):
+        value = {name: (limit.partition(":")[0].strip(), limit.partition(":")[2].strip() or limit.strip())
+                 for name, limit in _key_values(value, accepted).items()}
     if not isinstance(value, dict):
         raise OptionError(f"got {_show(value)}; accepted: {accepted}")
     result = []
