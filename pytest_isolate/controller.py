@@ -259,7 +259,7 @@ class Controller:
                     replay.handle(name, data)
                 replay.usage = self.limiter.usage(plan, replay.done)
                 replay.oom = self.limiter.killed_by_oom(plan, replay.usage, replay.done)
-                self.usages.append((item.nodeid, replay.usage))
+                self.usages.append((item.nodeid, replay.usage.peak_memory, replay.usage.cpu_seconds))
         except HostError as exc:
             self.hosts.pop((settings.mode, settings.image), None)
             replay.host_failed(str(exc))
@@ -277,10 +277,10 @@ class Controller:
         if count <= 0 or not self.usages:
             return []
         lines = []
-        by_memory = sorted(self.usages, key=lambda u: -(u[1].peak_memory or 0))[:count]
-        lines += [f"{human(u.peak_memory):>10} peak memory  {nodeid}" for nodeid, u in by_memory]
-        by_cpu = sorted(self.usages, key=lambda u: -(u[1].cpu_seconds or 0))[:count]
-        lines += [f"{u.cpu_seconds or 0:>8.3f} s CPU time     {nodeid}" for nodeid, u in by_cpu]
+        by_memory = sorted(self.usages, key=lambda u: -(u[1] or 0))[:count]
+        lines += [f"{human(peak):>10} peak memory  {nodeid}" for nodeid, peak, _ in by_memory]
+        by_cpu = sorted(self.usages, key=lambda u: -(u[2] or 0))[:count]
+        lines += [f"{cpu or 0:>8.3f} s CPU time     {nodeid}" for nodeid, _, cpu in by_cpu]
         return lines
 
     def summary_lines(self) -> list[str]:

@@ -116,8 +116,9 @@ class Limiter:
             return Plan(group=group, rlimits=rlimits, limits=limits, before=group.read(),
                         enforcement=f"cgroup v{backend.version}")
         if settings.limits == "strict":
-            return Plan(error=f"pytest-isolate cannot enforce the limits of this test: "
-                              f"{self._backend_error}")
+            hint = "" if "best-effort" in self._backend_error else \
+                " (--isolate-limits=best-effort runs it with rlimits instead)"
+            return Plan(error=f"cannot enforce the limits of this test: {self._backend_error}{hint}")
         return self._best_effort(settings, rlimits)
 
     def _best_effort(self, settings: Settings, rlimits: tuple) -> Plan:
@@ -156,7 +157,7 @@ class Limiter:
 
     def killed_by_oom(self, plan: Plan, usage: Usage, done: dict) -> str | None:
         status = done.get("status")
-        if plan.limits is None or not usage.oom_kills or status is None:
+        if plan.limits is None or not usage.oom_kills or status is None or done.get("timed_out"):
             return None
         if not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL):
             return None

@@ -77,6 +77,15 @@ class Settings:
     ulimits: tuple[tuple[str, int, int], ...] = ()
     limits: str = "strict"
 
+    def problem(self) -> tuple[str, str] | None:
+        """(option, why) when options that are fine alone do not fit together."""
+        if self.memory_swap not in (None, -1):
+            if self.memory is None:
+                return "memory_swap", "it needs memory too (it is memory plus swap, as in Docker)"
+            if self.memory_swap < self.memory:
+                return "memory_swap", "it is memory plus swap, so it cannot be below memory"
+        return None
+
     def has_cgroup_limits(self) -> bool:
         return any(v is not None for v in (self.memory, self.memory_swap, self.cpus, self.pids))
 
@@ -327,12 +336,12 @@ def parse_cpus(value: Any, base: str) -> float | None:
 
 
 def parse_pids(value: Any, base: str) -> int | None:
-    accepted = f"a number of processes and threads from 1 to {PID_MAX_LIMIT}"
+    accepted = f"a number of processes and threads from 2 (the container's init and the test) to {PID_MAX_LIMIT}"
     if value is None:
         return None
     if isinstance(value, str) and re.fullmatch(r"\s*[0-9]{1,8}\s*", value):
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= PID_MAX_LIMIT:
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= PID_MAX_LIMIT:
         raise OptionError(f"got {_show(value)}; accepted: {accepted}")
     return value
 

@@ -123,7 +123,10 @@ class IsolatePlugin:
         for item in items:
             layers = self._marker_layers(item)
             if layers is not None:
-                item.stash[settings_key] = opts.merge(self.base_layers + layers)
+                settings = item.stash[settings_key] = opts.merge(self.base_layers + layers)
+                problem = settings.problem()
+                if problem:
+                    raise pytest.UsageError(f"{item.nodeid}: invalid {problem[0]!r}: {problem[1]}")
                 isolated.append(item)
         self.isolated_count = len(isolated)
         self.controller.plan([(item, item.stash[settings_key]) for item in isolated])
@@ -155,6 +158,8 @@ class IsolatePlugin:
         output = getattr(node, "workeroutput", None) or {}
         worker = getattr(getattr(node, "gateway", None), "id", "?")
         self.worker_lines += [f"[{worker}] {line}" for line in output.get("isolate_summary", [])]
+        self.controller.usages += [tuple(usage) for usage in output.get("isolate_usages", [])]
+        self.controller.limiter.used |= bool(output.get("isolate_limits_used"))
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         lines = self.controller.summary_lines() + self.worker_lines
@@ -176,3 +181,5 @@ class IsolatePlugin:
         workeroutput = getattr(self.config, "workeroutput", None)
         if workeroutput is not None:  # an xdist worker: hand the summary to the controller
             workeroutput["isolate_summary"] = self.controller.summary_lines()
+            workeroutput["isolate_usages"] = [list(usage) for usage in self.controller.usages]
+            workeroutput["isolate_limits_used"] = self.controller.limiter.used

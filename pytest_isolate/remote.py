@@ -290,10 +290,20 @@ class Host(ContainerReporter):
             capture_link, container_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
             fds.append(container_end.fileno())
         started = time.perf_counter()
-        if in_zygote:
-            keeper, reap = self.zygote.start(request, fds), self.zygote.reap
-        else:
-            keeper, reap = container.start(*self.prepare(request, fds)), None
+        try:
+            if in_zygote:
+                keeper, reap = self.zygote.start(request, fds), self.zygote.reap
+            else:
+                keeper, reap = container.start(*self.prepare(request, fds)), None
+        except OSError as exc:  # e.g. a pids limit that leaves no room for the container
+            os.close(event_w)
+            os.close(event_r)
+            if capture_link is not None:
+                container_end.close()
+                capture_link.close()
+            self.channel.send(("container_error", {"message": str(exc), "step": "start"}))
+            self.channel.send(("done", {"status": None, "finished": False}))
+            return
         os.close(event_w)
         if capture_link is not None:
             container_end.close()

@@ -26,6 +26,10 @@ import time
 
 PREFIX = "pytest-isolate-"
 CFS_PERIOD_US = 100_000
+# The limits zygote and each container's keeper sit in the group too, outside the
+# container: the pids limit is raised by them, so that it counts the container only
+# (its init included, as in Docker).
+RUNTIME_PIDS = 2
 
 
 class CgroupError(Exception):
@@ -131,7 +135,7 @@ class V1Group:
         quota = -1 if limits.cpus is None else max(int(limits.cpus * CFS_PERIOD_US), 1000)
         _write(self._file("cpu", "cpu.cfs_period_us"), CFS_PERIOD_US)
         _write(self._file("cpu", "cpu.cfs_quota_us"), quota)
-        _write(self._file("pids", "pids.max"), "max" if limits.pids is None else limits.pids)
+        _write(self._file("pids", "pids.max"), "max" if limits.pids is None else limits.pids + RUNTIME_PIDS)
 
     def reset(self) -> None:
         """Zero the peak so that it measures the next test only."""
@@ -171,7 +175,14 @@ class V2Group:
 
     def __init__(self, directory: str) -> None:
         self.dir = directory
-        self._peak_baseline = 0
+        # Linux 6.12+ resets memory.peak for reads through the fd the reset was
+        # written to: keep one open. Older kernels keep one peak for the group's life.
+        try:
+            self._peak_fd: int | None = os.open(self._file("memory.peak"), os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            self._peak_fd = None
+        self._resettable = True
+        self._highest = 0
 
     def _file(self, name: str) -> str:
         return os.path.join(self.dir, name)
@@ -189,21 +200,26 @@ class V2Group:
             _write(self._file("memory.swap.max"), swap_max)
         quota = "max" if limits.cpus is None else max(int(limits.cpus * CFS_PERIOD_US), 1000)
         _write(self._file("cpu.max"), f"{quota} {CFS_PERIOD_US}")
-        _write(self._file("pids.max"), "max" if limits.pids is None else limits.pids)
+        _write(self._file("pids.max"), "max" if limits.pids is None else limits.pids + RUNTIME_PIDS)
 
     def reset(self) -> None:
-        try:  # Linux 6.12+: writing resets memory.peak
-            _write(self._file("memory.peak"), "reset")
-            self._peak_baseline = 0
-        except OSError:
-            self._peak_baseline = None  # the peak of an older kernel spans the group's life
+        if self._peak_fd is not None and self._resettable:
+            try:
+                os.pwrite(self._peak_fd, b"reset\n", 0)
+            except OSError:
+                self._resettable = False
 
     def read(self) -> Counters:
         cpu_stat = _keyed(self._file("cpu.stat"))
-        try:
-            peak = int(_read(self._file("memory.peak")))
-        except (OSError, ValueError):
-            peak = None
+        peak = None
+        if self._peak_fd is not None:
+            try:
+                peak = int(os.pread(self._peak_fd, 64, 0))
+            except (OSError, ValueError):
+                pass
+        if not self._resettable and peak is not None:
+            # The group's lifetime peak: it tells this test's only if it rose now.
+            peak, self._highest = (peak if peak > self._highest else None), max(peak, self._highest)
         try:
             pids_peak = int(_read(self._file("pids.peak")))
         except (OSError, ValueError):
@@ -228,6 +244,9 @@ class V2Group:
             return set()
 
     def remove(self) -> None:
+        if self._peak_fd is not None:
+            os.close(self._peak_fd)
+            self._peak_fd = None
         if os.path.exists(self._file("cgroup.kill")):
             try:
                 _write(self._file("cgroup.kill"), 1)
