@@ -154,7 +154,7 @@ class V1Group:
         )
 
     def attach(self, pid: int) -> None:
-        for directory in self.dirs.values():
+        for directory in sorted(set(self.dirs.values())):
             _write(os.path.join(directory, "cgroup.procs"), pid)
 
     def pids(self) -> set[int]:
@@ -167,7 +167,7 @@ class V1Group:
         return found
 
     def remove(self) -> None:
-        _kill_and_remove(self.pids, list(self.dirs.values()))
+        _kill_and_remove(self.pids, sorted(set(self.dirs.values())))
 
 
 class V2Group:
@@ -177,12 +177,16 @@ class V2Group:
         self.dir = directory
         # Linux 6.12+ resets memory.peak for reads through the fd the reset was
         # written to: keep one open. Older kernels keep one peak for the group's life.
-        try:
-            self._peak_fd: int | None = os.open(self._file("memory.peak"), os.O_RDWR | os.O_CLOEXEC)
-        except OSError:
-            self._peak_fd = None
+        self._peak_fd: int | None = None
         self._resettable = True
+        for flags in (os.O_RDWR, os.O_RDONLY):  # before 6.12 the file is read-only (0444)
+            try:
+                self._peak_fd = os.open(self._file("memory.peak"), flags | os.O_CLOEXEC)
+                break
+            except OSError:
+                self._resettable = False
         self._highest = 0
+        self._highest_pids = 0
 
     def _file(self, name: str) -> str:
         return os.path.join(self.dir, name)
@@ -220,8 +224,10 @@ class V2Group:
         if not self._resettable and peak is not None:
             # The group's lifetime peak: it tells this test's only if it rose now.
             peak, self._highest = (peak if peak > self._highest else None), max(peak, self._highest)
-        try:
-            pids_peak = int(_read(self._file("pids.peak")))
+        try:  # no kernel resets pids.peak: it tells this test's only if it rose now
+            lifetime = int(_read(self._file("pids.peak")))
+            pids_peak = lifetime - RUNTIME_PIDS if lifetime > self._highest_pids else None
+            self._highest_pids = max(lifetime, self._highest_pids)
         except (OSError, ValueError):
             pids_peak = None
         return Counters(
@@ -301,7 +307,7 @@ class Backend:
         name = f"{PREFIX}{os.getpid()}-{self._count}"
         if self.version == 1:
             dirs = {c: os.path.join(p, name) for c, p in self.parents.items()}
-            for directory in dirs.values():
+            for directory in sorted(set(dirs.values())):  # cpu and cpuacct may share one
                 os.mkdir(directory)
             return V1Group(dirs)
         directory = os.path.join(self.parents[""], name)

@@ -1,0 +1,895 @@
+"""Resource limits (memory, memory_swap, cpus, pids, ulimits) and usage reports.
+
+The checks run a real inner pytest whose limited tests run in real cgroups: the
+OOM killer, the pids controller and the CFS quota of this kernel, no mocks (one test
+of Backend.create() for a layout this machine lacks uses plain directories).
+
+The tests adapt to where they run. ``CGROUP_VERSION`` is what
+``pytest_isolate.runtime.cgroups.detect()`` finds for this user: 1 (this machine as
+root), 2 (the cgroup-v2 guest, as root or as a user with a delegated subtree) or None
+(the rootless lane on cgroup v1). Where cgroups are available the limits must be
+enforced; where they are not, strict mode must refuse the test with the reason and
+best-effort mode must fall back to rlimits and say so. The checks of enforcement are
+never skipped where cgroups are available.
+
+Tests that need cgroups to mean anything are named ``test_limit_*``: select them with
+``-k test_limit_`` (plain ``-k limit`` matches this whole module by its name).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from functools import cache
+
+import pytest
+
+from conftest import IS_ROOT
+from pytest_isolate.runtime import cgroups
+
+MiB = 1 << 20
+GRACE = 5.0
+
+
+def _backend() -> tuple[int | None, str]:
+    try:
+        return cgroups.detect().version, ""
+    except (cgroups.CgroupError, OSError) as exc:
+        return None, str(exc)
+
+
+CGROUP_VERSION, NO_CGROUP_REASON = _backend()
+HAS_CGROUPS = CGROUP_VERSION is not None
+KERNEL = tuple(int(n) for n in re.findall(r"\d+", os.uname().release)[:2])
+# cgroup v2 before Linux 6.12: memory.peak is read-only and spans the group's life.
+V2_OLD_PEAK = CGROUP_VERSION == 2 and KERNEL < (6, 12)
+ENFORCED_BY = f"limits enforced by cgroup v{CGROUP_VERSION}"
+MEASURED_BY = f"(measured by cgroup v{CGROUP_VERSION})"
+# Where cgroups are missing, limited tests need best-effort to run at all.
+LIMITS_MODE = "--isolate-limits=strict" if HAS_CGROUPS else "--isolate-limits=best-effort"
+
+HELPERS = """
+import errno, os, resource, shutil, signal, sys, time
+import pytest
+
+MiB = 1 << 20
+SLEEP = shutil.which("sleep")
+
+def touch(mib):
+    \"\"\"Allocate ``mib`` MiB and write to every page, so that all of it is resident.\"\"\"
+    print("touching", mib, "MiB")
+    block = bytearray(mib * MiB)
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    return block
+
+def spawn_until_refused(mark, most=200):
+    \"\"\"Fork children that exec `sleep` (argv[0] == mark) until fork fails;
+    returns (children started, errno of the failed fork).\"\"\"
+    started = 0
+    while started < most:
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            return started, exc.errno
+        if pid == 0:
+            try:
+                os.execv(SLEEP, [mark, "1000"])
+            finally:
+                os._exit(127)
+        started += 1
+    return started, None
+"""
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+@cache
+def slowdown() -> float:
+    """How much slower than this CI machine Python runs here (1 on it; about 10 in the
+    cgroup-v2 guest under TCG), from the time ``import pytest`` takes (0.2 s here).
+    Wall-clock bounds that include pytest start-ups scale with it."""
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import pytest"], check=True)
+    return max(1.0, (time.monotonic() - started) / 0.25)
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def find_processes(mark: str) -> list[int]:
+    needle = mark.encode()
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and needle in _read(f"/proc/{p}/cmdline")]
+
+
+def wait_for(probe, timeout: float = GRACE):
+    """Poll ``probe`` until it returns something falsy or the time is up; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if not value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
+def cgroup_mount_points() -> list[str]:
+    points = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.split(" ", 1)[0] in ("cgroup", "cgroup2"):
+                points.append(left.split()[4])
+    return points
+
+
+def groups_of(pid: int) -> list[str]:
+    """Every cgroup directory named pytest-isolate-<pid>-* in any mounted hierarchy."""
+    prefix = f"{cgroups.PREFIX}{pid}-"
+    found = []
+    for point in cgroup_mount_points():
+        for directory, subdirs, _ in os.walk(point):
+            found += [os.path.join(directory, d) for d in subdirs if d.startswith(prefix)]
+    return sorted(set(found))
+
+
+# The inner run records its controller's pid and the groups that exist while it runs
+# (a plain test: it runs in the controller itself).
+RECORD_GROUPS = '''
+def test_zz_record_groups():
+    import json, os
+    prefix = "pytest-isolate-%d-" % os.getpid()
+    points = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.split(" ", 1)[0] in ("cgroup", "cgroup2"):
+                points.append(left.split()[4])
+    groups = sorted({os.path.join(d, s) for p in points for d, subs, _ in os.walk(p)
+                     for s in subs if s.startswith(prefix)})
+    with open("groups.json", "w") as f:
+        json.dump({"pid": os.getpid(), "groups": groups}, f)
+'''
+
+
+def sections(result: pytest.RunResult) -> dict[str, str]:
+    """Report sections by test name ("test_x"; "setup test_x" for setup errors).
+
+    pytest heads a passing test's report only when it has sections of its own (e.g.
+    captured output): the inner tests whose reports are read here print something."""
+    found: dict[str, list[str]] = {}
+    current = None
+    header = re.compile(r"^_{2,} (ERROR at (\w+) of )?(\S+?)(\[.*\])? _{2,}$")
+    end = re.compile(r"^(=+ |-+ (pytest-isolate|pytest-isolate: top consumers|generated xml file: .*) -+$)")
+    for line in result.outlines:
+        match = header.match(line)
+        if match:
+            current = (f"{match.group(2)} " if match.group(2) else "") + match.group(3).split("::")[-1]
+            found.setdefault(current, [])
+            continue
+        if end.match(line):
+            current = None
+            continue
+        if current is not None:
+            found[current].append(line)
+    return {name: "\n".join(lines) for name, lines in found.items()}
+
+
+def junit_properties(path) -> dict[str, dict[str, str]]:
+    cases = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        cases[case.get("name")] = {p.get("name"): p.get("value") for p in case.iter("property")}
+    return cases
+
+
+def top_consumers(result: pytest.RunResult) -> list[str] | None:
+    """The lines of the "pytest-isolate: top consumers" section, None without it."""
+    lines = result.outlines
+    for i, line in enumerate(lines):
+        if re.match(r"^-+ pytest-isolate: top consumers -+$", line):
+            body = []
+            for following in lines[i + 1:]:
+                if following.startswith(("=", "---")):
+                    break
+                body.append(following)
+            return body
+    return None
+
+
+def strict_error(text: str) -> None:
+    assert "cannot enforce the limits of this test" in text, text
+
+
+def run_without_cgroups(pytester: pytest.Pytester, *args: str, timeout: float = 120) -> pytest.RunResult:
+    """An inner pytest that finds no usable cgroups: natively where there are none
+    (rootless on v1), else as root in a mount namespace without the cgroup mounts."""
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+               f"--basetemp={pytester.path / ('basetemp-' + uuid.uuid4().hex[:8])}", *args]
+    if not HAS_CGROUPS:
+        return pytester.run(*command, timeout=timeout)
+    if not IS_ROOT or shutil.which("unshare") is None:
+        pytest.skip("cgroups are available here and only root can hide them (unshare --mount)")
+    umounts = "".join(f"umount -l {shlex.quote(p)} && " for p in reversed(cgroup_mount_points()))
+    return pytester.run("unshare", "--mount", "--propagation", "private", "sh", "-c",
+                        umounts + "exec " + shlex.join(command), timeout=timeout)
+
+
+# -- memory ----------------------------------------------------------------------------
+
+MEMORY = HELPERS + """
+@pytest.mark.isolated(memory="64m")
+def test_1_under_the_limit():
+    touch(16)
+
+@pytest.mark.isolated(memory="64m")
+def test_2_hog():
+    print("printed before the hog")
+    touch(200)
+
+@pytest.mark.isolated
+def test_3_isolated_after():
+    touch(200)
+
+def test_4_plain_after():
+    touch(200)
+
+@pytest.mark.isolated(memory="64m")
+def test_5_sigkill():
+    print("printed before SIGKILL")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_limit_memory_oom_kills_the_hog_only(pytester, run) -> None:
+    pytester.makepyfile(test_memory=MEMORY)
+    result = run("-rA", "--junitxml=out.xml")
+    by_test = sections(result)
+    props = junit_properties(pytester.path / "out.xml")
+    if not HAS_CGROUPS:  # strict (the default): the limited tests are refused, the others run
+        result.assert_outcomes(passed=2, errors=3)
+        for name in ("test_1_under_the_limit", "test_2_hog", "test_5_sigkill"):
+            strict_error(by_test[f"setup {name}"])
+            assert NO_CGROUP_REASON in by_test[f"setup {name}"]
+        assert props["test_3_isolated_after"]["isolate_peak_memory_bytes"]
+        return
+    result.assert_outcomes(passed=3, failed=2)
+    hog = by_test["test_2_hog"].splitlines()
+    assert hog[0] == "Killed by the OOM killer: memory limit 64 MiB reached (peak 64 MiB).", hog
+    assert "printed before the hog" in hog[hog.index(next(h for h in hog if "Captured stdout call" in h)) + 1]
+    assert ENFORCED_BY in by_test["test_2_hog"] and MEASURED_BY in by_test["test_2_hog"]
+    assert 60 * MiB <= int(props["test_2_hog"]["isolate_peak_memory_bytes"]) <= 64 * MiB
+    assert props["test_2_hog"]["isolate_oom_kills"] == "1"
+    # Under the limit: passes, and its own peak (not the hog's, not the host's) is measured.
+    small = props["test_1_under_the_limit"]
+    assert 16 * MiB < int(small["isolate_peak_memory_bytes"]) < 64 * MiB
+    assert "isolate_oom_kills" not in small
+    assert MEASURED_BY in by_test["test_1_under_the_limit"]
+    # The host and the run survived: the next tests, without limits, allocate 200 MiB.
+    assert int(props["test_3_isolated_after"]["isolate_peak_memory_bytes"]) > 200 * MiB
+    assert "isolate_oom_kills" not in props["test_3_isolated_after"]
+    assert props["test_4_plain_after"] == {}  # plain tests get no usage
+    # A SIGKILL that is not the OOM killer's is reported as a crash.
+    killed = by_test["test_5_sigkill"]
+    assert killed.splitlines()[0] == "Crashed: the test's process was killed by signal 9 (SIGKILL) during call."
+    assert "OOM" not in killed and "printed before SIGKILL" in killed
+    assert "isolate_oom_kills" not in props["test_5_sigkill"]
+    # Unlimited isolated tests say nothing of their usage without -vv.
+    assert "measured by rusage" not in result.stdout.str()
+
+
+PEAK_PER_TEST = HELPERS + """
+@pytest.mark.isolated(memory="256m", pids=64)
+def test_1_big():
+    touch(96)
+    children = []
+    for _ in range(10):
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(0.2)
+            os._exit(0)
+        children.append(pid)
+    for pid in children:
+        os.waitpid(pid, 0)
+
+@pytest.mark.isolated(memory="256m", pids=64)
+def test_2_small():
+    touch(8)
+"""
+
+
+def test_limit_peak_memory_is_the_tests_own(pytester, run) -> None:
+    """The peak of a test is its own, not that of the test before it in the same host.
+    Where the kernel cannot reset it (cgroup v2 before 6.12), a peak that did not rise
+    during the test is not reported at all."""
+    pytester.makepyfile(test_peak=PEAK_PER_TEST)
+    result = run("-rA", "--junitxml=out.xml", LIMITS_MODE)
+    result.assert_outcomes(passed=2)
+    props = junit_properties(pytester.path / "out.xml")
+    assert int(props["test_1_big"]["isolate_peak_memory_bytes"]) > 96 * MiB
+    if V2_OLD_PEAK and "isolate_peak_memory_bytes" not in props["test_2_small"]:
+        assert "peak memory ?" in sections(result)["test_2_small"]  # said, not guessed
+    else:
+        assert int(props["test_2_small"]["isolate_peak_memory_bytes"]) < 64 * MiB
+
+
+def test_limit_peak_pids_is_the_tests_own(pytester, run) -> None:
+    if CGROUP_VERSION != 2:
+        pytest.skip("only cgroup v2 keeps a peak of pids")
+    pytester.makepyfile(test_peak=PEAK_PER_TEST)
+    result = run("--junitxml=out.xml", LIMITS_MODE)
+    result.assert_outcomes(passed=2)
+    props = junit_properties(pytester.path / "out.xml")
+    if "isolate_peak_pids" not in props["test_1_big"]:
+        pytest.skip(f"no pids.peak in this kernel ({os.uname().release})")
+    assert int(props["test_1_big"]["isolate_peak_pids"]) >= 12  # init, the test and 10 children
+    small = props["test_2_small"].get("isolate_peak_pids")  # absent: not known, and not said
+    assert small is None or int(small) <= 2, small  # init and the test
+
+
+def test_usage_of_unlimited_isolated_tests_comes_from_rusage(pytester, run) -> None:
+    pytester.makepyfile(test_usage=HELPERS + """
+@pytest.mark.isolated
+def test_unlimited():
+    touch(40)
+
+def test_plain():
+    pass
+""")
+    result = run("-vv", "-rA", "--junitxml=out.xml")
+    result.assert_outcomes(passed=2)
+    props = junit_properties(pytester.path / "out.xml")
+    assert int(props["test_unlimited"]["isolate_peak_memory_bytes"]) > 40 * MiB
+    assert float(props["test_unlimited"]["isolate_cpu_seconds"]) > 0
+    assert props["test_plain"] == {}
+    usage = sections(result)["test_unlimited"]
+    assert re.search(r"peak memory [\d.]+ MiB, CPU time [\d.]+ s \(measured by rusage\)", usage), usage
+    assert "limits enforced" not in usage
+    assert top_consumers(result) is None  # no test had limits: no ranking by default
+
+
+# -- pids ------------------------------------------------------------------------------
+
+FORK_BOMB = HELPERS + """
+MARK = {mark!r}
+
+@pytest.mark.isolated(pids=8)
+def test_fork_bomb():
+    started, error = spawn_until_refused(MARK)
+    print("started", started, "children")
+    assert error == errno.EAGAIN
+    assert started < 8
+"""
+
+
+def test_limit_pids_refuses_the_fork_bomb(pytester, run) -> None:
+    mark = f"pids-sleeper-{uuid.uuid4().hex[:12]}"
+    pytester.makepyfile(test_bomb=FORK_BOMB.format(mark=mark))
+    try:
+        result = run("-rA", "--junitxml=out.xml", LIMITS_MODE)
+        result.assert_outcomes(passed=1)
+        section = sections(result)["test_fork_bomb"]
+        if HAS_CGROUPS:
+            refused = re.search(r"the pids limit refused (\d+) fork/clone calls", section)
+            assert refused and int(refused.group(1)) >= 1, section
+            hits = junit_properties(pytester.path / "out.xml")["test_fork_bomb"]["isolate_pids_limit_hits"]
+            assert int(hits) >= 1
+            assert ENFORCED_BY in section
+        else:
+            assert "pids 8 as RLIMIT_NPROC" in section and "best-effort" in section
+        # The children ended with the container: none is left on the host.
+        assert wait_for(lambda: find_processes(mark)) == []
+    finally:
+        for pid in find_processes(mark):
+            os.kill(pid, signal.SIGKILL)
+
+
+PIDS_COUNT = HELPERS + """
+@pytest.mark.isolated(pids=8)
+def test_1_eight():
+    started, error = spawn_until_refused("pids-count-" + str(os.getpid()))
+    assert error == errno.EAGAIN
+    # the container's init (pid 1), this test (pid 2) and the children: 8 tasks
+    assert started == 6, f"started {started} children under pids=8"
+
+@pytest.mark.isolated(pids=2)
+def test_2_two():
+    started, error = spawn_until_refused("pids-count-" + str(os.getpid()))
+    assert (started, error) == (0, errno.EAGAIN)
+"""
+
+
+def test_limit_pids_counts_the_containers_processes_only(pytester, run) -> None:
+    """pids=N: N tasks in the container, its init included (as in Docker); the
+    runtime's own processes in the group (zygote, keeper) do not count."""
+    if not HAS_CGROUPS:
+        pytest.skip(f"no cgroups here (best-effort's RLIMIT_NPROC counts the user's processes): "
+                    f"{NO_CGROUP_REASON}")
+    pytester.makepyfile(test_count=PIDS_COUNT)
+    run("-rA").assert_outcomes(passed=2)
+    pytester.makepyfile(test_count="""
+import pytest
+
+@pytest.mark.isolated(pids=1)
+def test_one():
+    pass
+""")
+    result = run()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "invalid 'pids': got 1; accepted: a number of processes and threads from 2" in result.stderr.str()
+
+
+def test_v1_group_with_cpu_and_cpuacct_mounted_together(tmp_path) -> None:
+    """Backend.create() on the v1 layout most distributions have (this machine mounts
+    cpu and cpuacct apart, so a real run here cannot show it): directories stand in
+    for the hierarchies, as detect() would name them from /proc/self/mountinfo."""
+    for name in ("memory", "pids", "cpu,cpuacct"):
+        (tmp_path / name).mkdir()
+    combined = str(tmp_path / "cpu,cpuacct")
+    backend = cgroups.Backend(1, {"memory": str(tmp_path / "memory"), "pids": str(tmp_path / "pids"),
+                                  "cpu": combined, "cpuacct": combined})
+    group = backend.create()
+    assert sorted(os.listdir(combined)) == [os.path.basename(group.dirs["cpu"])]
+    assert group.dirs["cpu"] == group.dirs["cpuacct"]
+
+
+# -- cpus ------------------------------------------------------------------------------
+
+def test_limit_cpus_throttles_a_busy_loop(pytester, run) -> None:
+    pytester.makepyfile(test_cpus=HELPERS + """
+@pytest.mark.isolated(cpus=0.2)
+def test_busy():
+    cpu, end = time.process_time(), time.monotonic() + 1
+    while time.monotonic() < end:
+        pass
+    print("CPU time of the 1 s busy loop:", time.process_time() - cpu)
+""")
+    result = run("-rA", "--junitxml=out.xml", "--isolate-usage=0")
+    assert top_consumers(result) is None  # a limited test, but no ranking asked for
+    if not HAS_CGROUPS:
+        result.assert_outcomes(errors=1)
+        strict_error(sections(result)["setup test_busy"])
+        return
+    result.assert_outcomes(passed=1)
+    section = sections(result)["test_busy"]
+    inside = float(re.search(r"CPU time of the 1 s busy loop: ([\d.]+)", section).group(1))
+    assert inside <= 0.4, section  # 0.2 CPU for 1 s, and a period or so of slack
+    props = junit_properties(pytester.path / "out.xml")["test_busy"]
+    # The container's start-up counts too: a few ms here, more where Python is slow.
+    assert inside <= float(props["isolate_cpu_seconds"]) <= 0.4 * slowdown(), props
+    assert float(props["isolate_cpu_throttled_seconds"]) > 0.3, props
+    assert re.search(r"CPU throttled in \d+ periods, [\d.]+ s in all, by the cpus limit", section), section
+
+
+# -- ulimits ---------------------------------------------------------------------------
+
+ULIMITS = HELPERS + """
+HARD = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+@pytest.mark.isolated(ulimits={"nofile": 64, "core": 0})
+def test_marker():
+    assert resource.getrlimit(resource.RLIMIT_NOFILE) == (64, 64)
+    assert resource.getrlimit(resource.RLIMIT_CORE) == (0, 0)
+
+@pytest.mark.isolated(ulimits={"core": (0, 0)})
+def test_command_line():
+    assert resource.getrlimit(resource.RLIMIT_NOFILE) == (100, 200)
+    assert resource.getrlimit(resource.RLIMIT_CORE) == (0, 0)
+
+@pytest.mark.isolated(ulimits={"nofile": HARD + 1})
+def test_above_the_hard_limit():
+    pass
+"""
+
+
+def test_ulimits_from_marker_and_command_line_and_above_the_hard_limit(pytester, run) -> None:
+    """ulimits are rlimits, enforced everywhere (no cgroup needed)."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert hard != resource.RLIM_INFINITY
+    pytester.makepyfile(test_ulimits=ULIMITS)
+    result = run("-rA", "--isolate-ulimit", "nofile=100:200")
+    result.assert_outcomes(passed=2, errors=1)
+    error = sections(result)["setup test_above_the_hard_limit"]
+    assert "ulimits" in error and "nofile" in error and str(hard) in error, error
+    assert top_consumers(result) is None  # ulimits are no cgroup limits
+
+
+# -- the summary -----------------------------------------------------------------------
+
+TOP = HELPERS + """
+@pytest.mark.isolated(memory="256m")
+def test_big():
+    touch(100)
+
+@pytest.mark.isolated
+def test_small_1():
+    pass
+
+@pytest.mark.isolated
+def test_small_2():
+    pass
+
+@pytest.mark.isolated
+def test_small_3():
+    pass
+"""
+
+
+def test_usage_top_consumers_summary(pytester, run) -> None:
+    pytester.makepyfile(test_top=TOP)
+    default = run(LIMITS_MODE)
+    default.assert_outcomes(passed=4)
+    lines = top_consumers(default)
+    assert lines is not None, default.stdout.str()
+    memory = [line for line in lines if "peak memory" in line]
+    cpu = [line for line in lines if "s CPU time" in line]
+    assert len(memory) == len(cpu) == 4 and len(lines) == 8, lines  # 4 tests, at most 5 each
+    assert memory[0].endswith("test_top.py::test_big"), memory
+
+    two = run(LIMITS_MODE, "--isolate-usage=2")
+    two.assert_outcomes(passed=4)
+    lines = top_consumers(two)
+    assert lines is not None and len(lines) == 4, lines
+    assert lines[0].endswith("test_top.py::test_big") and "peak memory" in lines[0]
+    assert "peak memory" in lines[1] and all("s CPU time" in line for line in lines[2:])
+    # --isolate-usage=0: see test_limit_cpus_throttles_a_busy_loop
+
+
+# -- strict and best-effort ------------------------------------------------------------
+
+MODES = HELPERS + """
+@pytest.mark.isolated(memory="64m")
+def test_hog():
+    print("printed before the hog")
+    touch(200)
+
+@pytest.mark.isolated(cpus=0.2)
+def test_cpus():
+    print("limited to 0.2 CPUs")
+
+@pytest.mark.isolated
+def test_unlimited():
+    pass
+"""
+
+
+def test_limit_strict_and_best_effort_enforce_with_cgroups(pytester, run) -> None:
+    if not HAS_CGROUPS:
+        pytest.skip(f"no cgroups here (see the test without cgroups): {NO_CGROUP_REASON}")
+    pytester.makepyfile(test_modes=MODES)
+    for mode in ("strict", "best-effort"):
+        result = run("-rA", f"--isolate-limits={mode}")
+        result.assert_outcomes(passed=2, failed=1)
+        by_test = sections(result)
+        assert by_test["test_hog"].startswith("Killed by the OOM killer: memory limit 64 MiB reached")
+        assert ENFORCED_BY in by_test["test_hog"] and ENFORCED_BY in by_test["test_cpus"]
+        assert "best-effort" not in result.stdout.str()
+
+
+def test_strict_and_best_effort_without_cgroups(pytester) -> None:
+    """No cgroups (natively rootless on v1; as root, the cgroup mounts hidden)."""
+    pytester.makepyfile(test_modes=MODES)
+    strict = run_without_cgroups(pytester, "-rA")
+    strict.assert_outcomes(passed=1, errors=2)
+    by_test = sections(strict)
+    for name in ("test_hog", "test_cpus"):
+        strict_error(by_test[f"setup {name}"])
+        if not HAS_CGROUPS:  # the reason detect() gives here
+            assert NO_CGROUP_REASON in by_test[f"setup {name}"]
+
+    best = run_without_cgroups(pytester, "-rA", "--isolate-limits=best-effort")
+    counts = best.parseoutcomes()
+    assert counts.get("passed") == 2 and counts.get("failed") == 1, counts
+    by_test = sections(best)
+    hog = by_test["test_hog"]
+    assert "MemoryError" in hog or "Crashed" in hog, hog  # RLIMIT_DATA stopped it
+    assert "OOM" not in hog
+    assert "printed before the hog" in hog
+    assert "limits enforced by best-effort" in hog and "memory 64 MiB as RLIMIT_DATA" in hog, hog
+    assert "cpus 0.2 NOT enforced" in by_test["test_cpus"]
+    assert "(measured by rusage)" in by_test["test_cpus"]
+
+
+def test_strict_error_reads_once_and_always_names_best_effort(pytester) -> None:
+    """Whatever the reason (here: rootless v1, or no cgroup mounted at all), the
+    error says it once and points to best-effort."""
+    pytester.makepyfile(test_modes=MODES)
+    result = run_without_cgroups(pytester, "-rA", "-k", "hog")
+    result.assert_outcomes(errors=1, deselected=2)
+    error = sections(result)["setup test_hog"]
+    assert error.startswith("pytest-isolate: cannot enforce the limits of this test: "), error
+    assert "pytest-isolate: pytest-isolate" not in error
+    assert "--isolate-limits=best-effort" in error
+
+
+# -- layering, modes, xdist ------------------------------------------------------------
+
+LAYERS = HELPERS + """
+@pytest.mark.isolated(memory="32m")
+def test_marker():
+    touch(200)
+
+@pytest.mark.isolated
+def test_inherited():
+    touch(200)
+"""
+
+
+def limit_of(section: str) -> str:
+    """The memory limit a test ran with, as its report says it."""
+    if HAS_CGROUPS:
+        found = re.search(r"Killed by the OOM killer: memory limit (\d+ MiB) reached", section)
+    else:
+        found = re.search(r"memory (\d+ MiB) as RLIMIT_DATA", section)
+    assert found, section
+    return found.group(1)
+
+
+def test_limit_memory_layers_ini_cli_marker(pytester, run) -> None:
+    pytester.makeini("[pytest]\nisolate_memory = 64m\n")
+    pytester.makepyfile(test_layers=LAYERS)
+    ini = run(LIMITS_MODE)
+    ini.assert_outcomes(failed=2)
+    by_test = sections(ini)
+    assert (limit_of(by_test["test_marker"]), limit_of(by_test["test_inherited"])) == ("32 MiB", "64 MiB")
+    cli = run(LIMITS_MODE, "--isolate-memory=128m")
+    cli.assert_outcomes(failed=2)
+    by_test = sections(cli)
+    assert (limit_of(by_test["test_marker"]), limit_of(by_test["test_inherited"])) == ("32 MiB", "128 MiB")
+
+
+def test_limit_memory_in_fresh_mode(pytester, run) -> None:
+    pytester.makepyfile(test_fresh=HELPERS + """
+@pytest.mark.isolated(memory="64m")
+def test_hog():
+    print("printed before the hog")
+    touch(200)
+""")
+    result = run("--isolate-mode=fresh", "-rA")
+    by_test = sections(result)
+    if not HAS_CGROUPS:
+        result.assert_outcomes(errors=1)
+        strict_error(by_test["setup test_hog"])
+        return
+    result.assert_outcomes(failed=1)
+    hog = by_test["test_hog"]
+    assert hog.splitlines()[0] == "Killed by the OOM killer: memory limit 64 MiB reached (peak 64 MiB).", hog
+    assert "printed before the hog" in hog
+    assert "container host (fresh mode" in result.stdout.str()
+
+
+XDIST = HELPERS + """
+@pytest.mark.isolated(memory="64m")
+def test_small():
+    touch(8)
+
+@pytest.mark.isolated(memory="64m")
+def test_hog():
+    touch(200)
+
+@pytest.mark.isolated
+def test_unlimited():
+    pass
+
+def test_plain():
+    pass
+"""
+
+
+def test_limit_memory_under_xdist(pytester, run) -> None:
+    pytest.importorskip("xdist")
+    pytester.makepyfile(test_xdist=XDIST)
+    result = run("-n", "2", "-rA", "--junitxml=out.xml")
+    by_test = sections(result)
+    if not HAS_CGROUPS:
+        result.assert_outcomes(passed=2, errors=2)
+        strict_error(by_test["setup test_hog"])
+        return
+    result.assert_outcomes(passed=3, failed=1)
+    assert by_test["test_hog"].splitlines()[1] == \
+        "Killed by the OOM killer: memory limit 64 MiB reached (peak 64 MiB)."  # [0]: "[gwN] linux -- ..."
+    props = junit_properties(pytester.path / "out.xml")
+    assert props["test_hog"]["isolate_oom_kills"] == "1"
+    assert 8 * MiB < int(props["test_small"]["isolate_peak_memory_bytes"]) < 64 * MiB
+
+
+def test_usage_top_consumers_under_xdist(pytester, run) -> None:
+    """The workers' usage reaches the controller's summary."""
+    pytest.importorskip("xdist")
+    pytester.makepyfile(test_xdist=TOP)
+    result = run("-n", "2", LIMITS_MODE)
+    result.assert_outcomes(passed=4)
+    lines = top_consumers(result)
+    assert lines is not None, result.stdout.str()
+    assert len(lines) == 8 and lines[0].endswith("test_xdist.py::test_big"), lines
+    assert {line.split()[-1] for line in lines} == {f"test_xdist.py::test_{n}"
+                                                    for n in ("big", "small_1", "small_2", "small_3")}
+
+
+# -- bugs in what a run reports --------------------------------------------------------
+
+def test_limit_timeout_is_not_reported_as_oom(pytester, run) -> None:
+    """A child OOM-killed earlier does not make the test's timeout an OOM kill."""
+    if not HAS_CGROUPS:
+        pytest.skip(f"no cgroups here: {NO_CGROUP_REASON}")
+    pytester.makepyfile(test_child=HELPERS + """
+@pytest.mark.isolated(memory="64m", timeout=1.5)
+def test_child_oom_then_hang():
+    pid = os.fork()
+    if pid == 0:
+        touch(200)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    print("the child was OOM-killed")
+    time.sleep(60)
+""")
+    result = run("-rA", "--junitxml=out.xml")
+    result.assert_outcomes(failed=1)
+    section = sections(result)["test_child_oom_then_hang"]
+    if "the child was OOM-killed" not in section:
+        pytest.skip("inconclusive: the timeout came before the child's OOM kill")
+    assert section.startswith("Timeout: the test ran longer than timeout=1.5s"), section
+    assert junit_properties(pytester.path / "out.xml")["test_child_oom_then_hang"]["isolate_oom_kills"] == "1"
+
+
+@pytest.mark.parametrize("marker, why", [
+    ('memory_swap="128m"', "it needs memory too"),
+    ('memory="64m", memory_swap="32m"', "it is memory plus swap, so it cannot be below memory"),
+])
+def test_memory_swap_without_or_below_memory_is_a_usage_error(pytester, run, marker, why) -> None:
+    pytester.makepyfile(test_swap=f"""
+import pytest
+
+@pytest.mark.isolated({marker})
+def test_swap():
+    pass
+""")
+    result = run()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str()
+    assert f"test_swap.py::test_swap: invalid 'memory_swap': {why}" in result.stderr.str()
+    assert "Traceback" not in result.stdout.str() + result.stderr.str()
+
+
+# -- nothing leaks, everything is contained ---------------------------------------------
+
+LEAKS = """
+@pytest.mark.isolated(memory="64m")
+def test_hog():
+    touch(200)
+""" + RECORD_GROUPS
+
+
+def test_limit_groups_are_removed_at_the_end(pytester, run) -> None:
+    mark = f"leak-sleeper-{uuid.uuid4().hex[:12]}"
+    pytester.makepyfile(test_leaks=FORK_BOMB.format(mark=mark) + LEAKS)
+    try:
+        result = run("-rA", LIMITS_MODE)
+        result.assert_outcomes(passed=2, failed=1)
+        recorded = json.loads((pytester.path / "groups.json").read_text())
+        if HAS_CGROUPS:  # one group per host, in each hierarchy (v1: memory, pids, cpu, cpuacct)
+            names = {os.path.basename(g) for g in recorded["groups"]}
+            assert names == {f"{cgroups.PREFIX}{recorded['pid']}-1"}, recorded
+            assert len(recorded["groups"]) == (4 if CGROUP_VERSION == 1 else 1), recorded
+        else:
+            assert recorded["groups"] == []
+        assert groups_of(recorded["pid"]) == []
+        assert wait_for(lambda: find_processes(mark)) == []
+    finally:
+        for pid in find_processes(mark):
+            os.kill(pid, signal.SIGKILL)
+
+
+KILLED = HELPERS + """
+MARK = {mark!r}
+
+@pytest.mark.isolated(memory="64m", pids=64)
+def test_sleeps_until_pytest_is_killed():
+    spawn_until_refused(MARK, most=1)
+    time.sleep(60)
+"""
+
+
+def test_limit_groups_of_a_sigkilled_run_are_removed_by_the_next(pytester, run) -> None:
+    mark = f"killed-sleeper-{uuid.uuid4().hex[:12]}"
+    pytester.makepyfile(test_killed=KILLED.format(mark=mark))
+    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", LIMITS_MODE,
+               f"--basetemp={pytester.path / 'killed-basetemp'}", "test_killed.py"]
+    inner = subprocess.Popen(command, cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not find_processes(mark):
+            assert inner.poll() is None, inner.stdout.read().decode(errors="replace")
+            assert time.monotonic() < deadline, "the inner test's sleeper never showed up"
+            time.sleep(0.05)
+        while_running = groups_of(inner.pid)
+        if HAS_CGROUPS:
+            assert [os.path.basename(g) for g in while_running] == [f"{cgroups.PREFIX}{inner.pid}-1"] * len(
+                while_running) and while_running
+        else:
+            assert while_running == []
+        inner.kill()
+        inner.wait(10)
+        assert wait_for(lambda: find_processes(mark)) == []
+        # The group may still be there (nobody removed it) or not (another run did);
+        # the next run that uses limits removes it in any case.
+        pytester.makepyfile(test_next=HELPERS + """
+@pytest.mark.isolated(memory="64m")
+def test_limited():
+    pass
+""")
+        run("test_next.py", LIMITS_MODE).assert_outcomes(passed=1)
+        assert groups_of(inner.pid) == []
+    finally:
+        if inner.poll() is None:
+            inner.kill()
+            inner.wait(10)
+        inner.stdout.close()
+        for pid in find_processes(mark):
+            os.kill(pid, signal.SIGKILL)
+
+
+CONTAINMENT = HELPERS + """
+@pytest.mark.isolated(pids=32, timeout={timeout})
+def test_1_fork_bomb():
+    while True:
+        try:
+            os.fork()
+        except OSError:
+            time.sleep(0.05)
+
+@pytest.mark.isolated(memory="32m")
+def test_2_memory_hog():
+    touch(400)
+
+@pytest.mark.isolated(cpus=0.1, timeout={timeout})
+def test_3_cpu_hog():
+    while True:
+        pass
+
+def test_4_plain_after():
+    touch(64)
+    assert os.fork and os.cpu_count()
+"""
+
+
+def test_limit_hogs_are_contained(pytester, run) -> None:
+    timeout = round(1.5 * slowdown(), 1)
+    pytester.makepyfile(test_hogs=CONTAINMENT.format(timeout=timeout))
+    started = time.monotonic()
+    bound = 60 * slowdown()
+    result = run("-rA", "--junitxml=out.xml", LIMITS_MODE, timeout=bound + 30)
+    elapsed = time.monotonic() - started
+    assert elapsed < bound, elapsed
+    counts = result.parseoutcomes()
+    assert counts.get("passed") == 1 and counts.get("failed", 0) + counts.get("error", counts.get("errors", 0)) == 3
+    by_test = sections(result)
+    # A timeout ends each endless hog: during its call, or where start-up is slow, its setup.
+    for name in ("test_1_fork_bomb", "test_3_cpu_hog"):
+        section = by_test.get(name) or by_test[f"setup {name}"]
+        assert section.startswith(f"Timeout: the test ran longer than timeout={timeout:g}s"), section
+    cpu = junit_properties(pytester.path / "out.xml")["test_3_cpu_hog"]
+    if HAS_CGROUPS:
+        assert by_test["test_2_memory_hog"].startswith("Killed by the OOM killer: memory limit 32 MiB reached")
+        if "test_1_fork_bomb" in by_test:  # it got to fork
+            assert re.search(r"the pids limit refused \d+ fork/clone calls", by_test["test_1_fork_bomb"])
+        # 0.1 CPU for the timeout and the kill's grace, whatever the start-up took
+        assert float(cpu["isolate_cpu_seconds"]) < 0.1 * (timeout + 1) + 0.3, cpu
+        assert float(cpu["isolate_cpu_throttled_seconds"]) > 0, cpu
+    else:
+        assert "MemoryError" in by_test["test_2_memory_hog"] or "Crashed" in by_test["test_2_memory_hog"]
+        assert "cpus 0.1 NOT enforced" in (by_test.get("test_3_cpu_hog") or by_test["setup test_3_cpu_hog"])
