@@ -87,7 +87,9 @@ class Limiter:
     def __init__(self) -> None:
         self._backend: cgroups.Backend | None = None
         self._backend_error: str | None = None
-        self._groups: dict[int, object] = {}  # id(container host) -> group
+        # container host -> its group (the host object itself is the key: a new host
+        # that replaced a lost one must never inherit a group its zygote is not in)
+        self._groups: dict[object, object] = {}
         self.used = False  # whether any test asked for limits
 
     def backend(self) -> cgroups.Backend | None:
@@ -107,10 +109,15 @@ class Limiter:
         limits = cgroups.Limits(settings.memory, settings.memory_swap, settings.cpus, settings.pids)
         backend = self.backend()
         if backend is not None:
-            group = self._groups.get(id(host))
+            group = self._groups.get(host)
             if group is None:
-                group = self._groups[id(host)] = backend.create()
-                group.attach(host.zygote_pid())
+                group = backend.create()
+                try:
+                    group.attach(host.zygote_pid())
+                except BaseException:
+                    group.remove()
+                    raise
+                self._groups[host] = group
             group.apply(limits)
             group.reset()
             return Plan(group=group, rlimits=rlimits, limits=limits, before=group.read(),
