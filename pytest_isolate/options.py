@@ -189,7 +189,7 @@ def parse_mounts(value: Any, base: str) -> tuple[Mount, ...]:
         _no_nul(spec, "the mount")
         src = os.path.realpath(os.path.join(base, os.path.expanduser(src)))
         if not os.path.exists(src):
-            raise OptionError(f"{_show(spec)}: the source {_show(src)} does not exist")
+            raise OptionError(f"{_show(spec)}: the source {src!r} does not exist")
         if not dst.startswith("/"):
             raise OptionError(f"{_show(spec)}: the destination must be an absolute path")
         dst = "/" + os.path.normpath(dst).lstrip("/")  # normpath keeps a leading "//"
@@ -212,22 +212,22 @@ def parse_seccomp(value: Any, base: str) -> str:
     path = os.path.realpath(os.path.join(base, os.path.expanduser(value)))
     try:
         if not os.path.isfile(path):
-            raise OptionError(f"{_show(path)} is not a regular file; accepted: {accepted}")
+            raise OptionError(f"{path!r} is not a regular file; accepted: {accepted}")
         if os.path.getsize(path) > MAX_PROFILE_SIZE:
-            raise OptionError(f"{_show(path)} is larger than {MAX_PROFILE_SIZE} bytes; accepted: {accepted}")
+            raise OptionError(f"{path!r} is larger than {MAX_PROFILE_SIZE} bytes; accepted: {accepted}")
         with open(path) as f:
             profile = json.load(f)
     except OSError as exc:
-        raise OptionError(f"cannot read {_show(path)}: {exc.strerror}; accepted: {accepted}") from None
+        raise OptionError(f"cannot read {path!r}: {exc.strerror}; accepted: {accepted}") from None
     except (ValueError, RecursionError) as exc:
-        raise OptionError(f"{_show(path)} is not JSON ({_show(str(exc))}); accepted: {accepted}") from None
+        raise OptionError(f"{path!r} is not JSON ({_show(str(exc))}); accepted: {accepted}") from None
     from .runtime import seccomp
 
     try:  # check it and compile it once now, so that a bad profile is a usage error
         seccomp.validate_profile(profile)
         seccomp.compile_profile(profile)
     except seccomp.SeccompError as exc:
-        raise OptionError(f"{_show(path)}: {exc}") from None
+        raise OptionError(f"{path!r}: {exc}") from None
     return path
 
 

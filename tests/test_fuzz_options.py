@@ -103,7 +103,7 @@ VALID_TEXT = {  # single-line strings, as the command line and ini files give th
     "seccomp": st.sampled_from(["default", "unconfined", "profile.json", "./sub/../profile.json"]),
     "landlock": st.sampled_from(["on", "off", "yes", "0"]) | st.lists(abs_path, min_size=1, max_size=3).map(",".join),
     "memory": size(4, 4096), "memory_swap": size(1, 4096) | st.just("-1"), "cpus": cpus.map(str),
-    "pids": st.integers(1, 10**6).map(str), "ulimits": ulimit, "limits": st.sampled_from(["strict", "best-effort"]),
+    "pids": st.integers(2, 10**6).map(str), "ulimits": ulimit, "limits": st.sampled_from(["strict", "best-effort"]),
 }
 VALID = {**VALID_TEXT,  # and what a marker can give too
          "timeout": st.one_of(st.none(), st.just(0), positive, VALID_TEXT["timeout"]),
@@ -113,7 +113,7 @@ VALID = {**VALID_TEXT,  # and what a marker can give too
          "landlock": st.one_of(VALID_TEXT["landlock"], st.booleans(), st.none(), st.lists(abs_path, max_size=3)),
          "memory": VALID_TEXT["memory"] | st.none() | st.integers(4 << 20, 1 << 40),
          "memory_swap": VALID_TEXT["memory_swap"] | st.none() | st.integers(1, 1 << 40) | st.just(-1),
-         "cpus": st.none() | cpus | cpus.map(str), "pids": st.none() | st.integers(1, 10**6) | VALID_TEXT["pids"],
+         "cpus": st.none() | cpus | cpus.map(str), "pids": st.none() | st.integers(2, 10**6) | VALID_TEXT["pids"],
          "ulimits": ulimit | st.lists(ulimit, max_size=3) | st.dictionaries(st.sampled_from(opts.RLIMITS),
                                                                             limit | soft_hard, max_size=3)}
 
@@ -154,7 +154,7 @@ def check_shape(name: str, got) -> None:
         assert got is None or isinstance(got, tuple)
         assert all(p.startswith("/") and "\0" not in p and posixpath.normpath(p) == p for p in got or ())
     elif name in ("memory", "memory_swap", "pids"):
-        low, high = {"memory": (4 << 20, 2**63), "memory_swap": (1, 2**63), "pids": (1, PID_MAX_LIMIT + 1)}[name]
+        low, high = {"memory": (4 << 20, 2**63), "memory_swap": (1, 2**63), "pids": (2, PID_MAX_LIMIT + 1)}[name]
         assert got is None or (type(got) is int and (low <= got < high or (name == "memory_swap" and got == -1)))
     elif name == "cpus":
         assert got is None or (type(got) is float and 0.01 <= got < 1e6)

@@ -117,7 +117,7 @@ def validate_profile(profile: object) -> None:
             fail(where, "accepted: a list of strings")
 
     if not isinstance(profile, dict):
-        fail("the profile", "accepted: a JSON object with 'defaultAction' and 'syscalls'")
+        fail("not a seccomp profile", "accepted: a JSON object with 'defaultAction' and 'syscalls'")
     if profile.get("defaultAction", "SCMP_ACT_ERRNO") not in _ACTIONS:
         fail("defaultAction", "accepted: " + ", ".join(_ACTIONS))
     errno_value("defaultErrnoRet", profile.get("defaultErrnoRet"))
