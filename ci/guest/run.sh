@@ -202,6 +202,7 @@ esac
 ctl=$(mktemp -d "${TMPDIR:-/tmp}/pytest-isolate-guest.XXXXXX")
 qpid=""
 cleanup() {
+    trap '' PIPE   # our reader may be gone (killed by a timeout): still clean up
     if [ -n "$qpid" ] && kill -0 "$qpid" 2>/dev/null; then kill -TERM "$qpid" 2>/dev/null || true; fi
     [ -z "${catpid:-}" ] || kill "$catpid" 2>/dev/null || true
     rm -rf "$ctl"
