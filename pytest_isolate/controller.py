@@ -4,6 +4,7 @@ what their containers report as ordinary pytest reports."""
 from __future__ import annotations
 
 import json
+import marshal
 import os
 import sys
 import time
@@ -151,7 +152,9 @@ class ContainerHost:
         if settings.landlock is not None:
             landlock = list(LANDLOCK_WRITABLE) + [m.dst for m in settings.mounts if not m.readonly]
             landlock += list(settings.landlock)
-        self._send(("run", {
+        # Per-test messages travel marshal-encoded: execnet then carries one bytes
+        # object instead of serialising nested containers in Python, both ways.
+        self._send(("run", marshal.dumps({
             "nodeid": nodeid, "mode": settings.mode, "timeout": settings.timeout, "fresh_arg": fresh_arg,
             "seccomp": self.controller.seccomp_profile(settings.seccomp),
             "in_zygote": plan.group is not None,
@@ -159,11 +162,18 @@ class ContainerHost:
                                  "mounts": mounts, "cwd": self.cwd, "cap_add": list(settings.cap_add),
                                  "system_paths": settings.system_paths, "landlock": landlock,
                                  "rlimits": [list(limit) for limit in plan.rlimits]},
-        }))
+        })))
         # The host enforces the timeout; this only guards against a host that hangs.
         watchdog = None if settings.timeout is None else settings.timeout + 60
         while True:
             name, data = self._receive(watchdog)
+            if isinstance(data, bytes):
+                data = marshal.loads(data)
+            if name == "events":  # what a long test reported so far
+                yield from (tuple(event) for event in data)
+                continue
+            if name == "done":  # what the test reported (the rest of it) comes with it
+                yield from (tuple(event) for event in data.pop("events", ()))
             yield name, data
             if name == "done":
                 return

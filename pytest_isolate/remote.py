@@ -4,22 +4,27 @@ Like xdist's ``remote.py`` this module is shipped to the other process by execne
 (``gateway.remote_exec(remote)``) and imports nothing of the plugin: only pytest and
 the stdlib-only ``pytest_isolate.runtime``. It speaks small named events:
 
-    controller -> host   ("start", {...})   ("shutdown", {})
-                         ("run", {nodeid, mode, timeout, container_config, fresh_arg})
+    controller -> host   ("start", {...})   ("shutdown", {})   ("zygote", {})
+                         ("run", marshal{nodeid, mode, timeout, container_config, ...})
     host -> controller   ("ready", {...}) | ("host_error", {message})
-                         per test, relayed from its container as they come:
-                           ("report", {data})  ("warning", {...})
-                           ("testsuite_property", {...})  ("session_exit", {...})
-                           ("finished", {})  or why not: ("container_error", {...}),
-                           ("not_collected", {...}), ("corrupt", {...})
-                         then the host's own ("done", {status, timed_out, stdout,
-                         stderr, crashlog, duration})
+                         ("zygote", {pid}): the limits zygote, for cgroup.procs
+                         per test, what a long test reported so far (every 0.25 s):
+                           ("events", marshal[(name, data), ...])
+                         then ("done", marshal{status, timed_out, finished, stdout,
+                         stderr, crashlog, duration, rusage, events: the rest})
 
-The host collects the session once. For each test it forks a container
-(``runtime.container.start``) whose payload either runs the collected item in the
+A test's events are ("report", {data}), ("warning", {...}),
+("testsuite_property", {...}), ("session_exit", {...}), ("finished", {usage}), or
+why it could not run: ("container_error", {...}), ("not_collected", {...}),
+("corrupt", {...}). Per-test messages are marshal-encoded: execnet then carries one
+bytes object instead of serialising nested containers in Python.
+
+The host collects the session once. For each test it takes a container that the
+init factory built ahead (runtime/factory.py) and has its zygote fork the test into
+it (runtime.container.fork_test). The payload either runs the collected item in the
 forked process (mode "fork") or execs a fresh interpreter that collects and runs just
-that node id (mode "fresh", see ``fresh_main``). The container writes events to a
-pipe; the host relays them over the channel as they arrive.
+that node id (mode "fresh", see ``fresh_main``). The test writes its events to a memfd
+and wakes the host once, when it has finished (runtime.container.Supervisor).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import faulthandler
 import gc
 import json
+import marshal
 import os
 import socket
 import sys
@@ -34,12 +40,15 @@ import time
 
 import pytest
 
-from pytest_isolate.runtime import container, events
+from pytest_isolate.runtime import container, events, factory, rootfs
 from pytest_isolate.runtime import zygote as zygote_module
 
 HOST_ERROR_ENV = "PYTEST_ISOLATE_HOST_ERROR"
 HOST_NOTES_ENV = "PYTEST_ISOLATE_HOST_NOTES"
 JOB_ENV = "PYTEST_ISOLATE_JOB"
+FACTORY_FD_ENV = "PYTEST_ISOLATE_FACTORY_FD"
+# What a container's init needs to build it (the rest is for the test process).
+BUILD_KEYS = ("entries", "mounts", "hostname", "system_paths", "masks")
 # How long after the timeout (when faulthandler dumps the stack) the container dies.
 KILL_GRACE = 0.25
 
@@ -179,7 +188,7 @@ class ContainerReporter:
                 "nodeid": nodeid, "location": location,
             })
 
-    def run_item(self, item: pytest.Item, event_fd: int, crash_fd: int, deadline) -> None:
+    def run_item(self, item: pytest.Item, event_fd: int, notify_fd: int, crash_fd: int, deadline) -> None:
         """Run one collected item in this process, inside its container."""
         self.event_fd = event_fd
         _use_crash_log(self.config, crash_fd, deadline)
@@ -189,9 +198,13 @@ class ContainerReporter:
             self.config.hook.pytest_runtest_protocol(item=item, nextitem=None)
         except pytest.exit.Exception as exc:
             events.send(event_fd, "session_exit", {"reason": exc.msg, "returncode": exc.returncode})
-        events.send(event_fd, "finished", {})
+        # The host may take the next test as soon as this one says it is finished:
+        # nothing of this process may reach the shared capture or crash files after.
+        faulthandler.cancel_dump_traceback_later()
         sys.stdout.flush()
         sys.stderr.flush()
+        events.send(event_fd, "finished", {"usage": container.own_usage()})
+        os.write(notify_fd, b"finished")  # the one time the test wakes its host
 
 
 class Host(ContainerReporter):
@@ -207,6 +220,10 @@ class Host(ContainerReporter):
         self.crash_fd = os.memfd_create("pytest-isolate-crashlog", 0)
         self._seccomp_programs: dict = {}
         self._zygote: zygote_module.Zygote | None = None
+        self._limits_zygote: zygote_module.Zygote | None = None
+        self._warm: tuple[dict, int] | None = None  # (settings, factory request) asked ahead
+        self._factory: factory.InitFactory | None = None
+        self._masks: list | None = None
 
     @pytest.hookimpl
     def pytest_collectreport(self, report: pytest.CollectReport) -> None:
@@ -231,10 +248,11 @@ class Host(ContainerReporter):
         while True:
             name, kwargs = self.channel.receive()
             if name == "zygote":  # the controller puts it into the limits cgroup
-                self.channel.send(("zygote", {"pid": self.zygote.pid}))
+                self.channel.send(("zygote", {"pid": self.limits_zygote.pid}))
             elif name == "run":
-                self.run(**kwargs)
+                self.run(**marshal.loads(kwargs))
             else:
+                self.shut_down_containers()
                 return True
 
     @pytest.hookimpl(tryfirst=True)
@@ -270,92 +288,145 @@ class Host(ContainerReporter):
         try:
             programs = self.seccomp_programs(seccomp, tuple(container_config["cap_add"]))
         except Exception as exc:  # e.g. no libseccomp: this test errors, the host lives on
-            self.channel.send(("container_error", {"message": str(exc), "step": "seccomp profile"}))
-            self.channel.send(("done", {"status": None, "finished": False}))
+            self._cannot_start(str(exc), "seccomp profile")
             return
         capman = self.config.pluginmanager.getplugin("capturemanager")
         capturing = capman is not None and capman.is_globally_capturing()
         if capturing:
             capman.read_global_capture()  # start from an empty capture file
         os.ftruncate(self.crash_fd, 0)
-        os.lseek(self.crash_fd, 0, os.SEEK_SET)  # the container writes at this offset
-        event_r, event_w = os.pipe2(os.O_CLOEXEC)
-        request = {"nodeid": nodeid, "mode": mode, "fresh_arg": fresh_arg,
-                   "deadline": time.monotonic() + timeout if timeout else None,
-                   "config": dict(container_config, seccomp_programs=programs)}
-        fds, capture_link = [event_w], None
+        os.lseek(self.crash_fd, 0, os.SEEK_SET)  # the test writes at this offset
+        config = dict(container_config, seccomp_programs=programs, masks=self.masks, entries=self.start["entries"])
+        build = {key: config[key] for key in BUILD_KEYS if key in config}
+        job = {"nodeid": nodeid, "fresh_arg": fresh_arg,
+               "deadline": time.monotonic() + timeout if timeout else None}
+        request = {"mode": mode, "config": config, "job": job}
+        started = time.perf_counter()
+        # Before this test's fds exist: a zygote forked now must not hold them.
+        zygote = self.limits_zygote if in_zygote else self.zygote
+        events_fd, notify_r, notify_w = events.new_stream()
+        fds, capture_link, container_end, namespaces = [events_fd, notify_w], None, None, None
         if mode == "fresh":
             # The fresh interpreter hands its capture files over this link before
             # the test runs, so that output printed before a crash survives it.
             capture_link, container_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
             fds.append(container_end.fileno())
-        started = time.perf_counter()
         try:
-            if in_zygote:
-                keeper, reap = self.zygote.start(request, fds), self.zygote.reap
-            else:
-                keeper, reap = container.start(*self.prepare(request, fds)), None
-        except OSError as exc:  # e.g. a pids limit that leaves no room for the container
-            os.close(event_w)
-            os.close(event_r)
+            namespaces = self._container_for(build)
+            # The factory builds the next test's container while this test runs.
+            self._warm = (build, self.factory.request(build))
+            # Limited tests are forked by the zygote in their cgroup, and waited for
+            # to the end: the next one must not share its limits with this one's
+            # leftovers.
+            test = zygote.start(request, fds + list(namespaces.fds.values()))
+        except (OSError, factory.InitError) as exc:
+            os.close(events_fd)
+            os.close(notify_r)
             if capture_link is not None:
-                container_end.close()
                 capture_link.close()
-            self.channel.send(("container_error", {"message": str(exc), "step": "start"}))
-            self.channel.send(("done", {"status": None, "finished": False}))
+            if namespaces is not None:
+                namespaces.end()
+            self._cannot_start(str(exc), getattr(exc, "step", "start"))
             return
-        os.close(event_w)
-        if capture_link is not None:
-            container_end.close()
-        supervisor = container.Supervisor(keeper, event_r, timeout and timeout + KILL_GRACE, reap)
-        finished = False
-        for name, data in supervisor.events():
-            finished = finished or name == "finished"
-            self.channel.send((name, data))
+        finally:
+            os.close(notify_w)
+            if container_end is not None:
+                container_end.close()
+        namespaces.close()  # the pidfd of its init stays, to end it
+        try:
+            # The zygote reaps the test only when told: until then its pid is ours.
+            test_pidfd = os.pidfd_open(test)
+        except OSError:
+            test_pidfd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)  # always "ended"
+        supervisor = container.Supervisor(
+            test, test_pidfd, events_fd, notify_r, timeout and timeout + KILL_GRACE, namespaces.end,
+            reap=lambda: zygote.reap(test), wait_for_exit=in_zygote,
+            relay=lambda reported: self.channel.send(("events", events.encode_body(reported))))
+        reported = supervisor.events()
+        # The kernel tears the rest down, off our path; but a limited test's leftovers
+        # must be gone before the next limited test starts in the same cgroup.
+        namespaces.end(wait=5 if in_zygote else 0)
+        if not supervisor.reaped:
+            zygote.finished.append(test)
         out = err = ""
-        if not finished:
+        if not supervisor.finished:
             if capture_link is not None:
                 out, err = _read_passed_capture(capture_link)
             elif capturing:
                 out, err = capman.read_global_capture()
         if capture_link is not None:
             capture_link.close()
-        self.channel.send(("done", {
+        self.channel.send(("done", events.encode_body({
             "status": supervisor.exit_status, "timed_out": supervisor.timed_out,
-            "finished": finished, "stdout": out, "stderr": err, "rusage": supervisor.rusage,
+            "finished": supervisor.finished, "stdout": out, "stderr": err, "rusage": supervisor.rusage,
             "crashlog": os.pread(self.crash_fd, 1 << 20, 0).decode("utf-8", "replace"),
-            "duration": time.perf_counter() - started,
-        }))
+            "duration": time.perf_counter() - started, "events": reported,
+        })))
+
+    def _cannot_start(self, message: str, step: str) -> None:
+        self.channel.send(("container_error", {"message": message, "step": step}))
+        self.channel.send(("done", {"status": None, "finished": False}))
+
+    def _container_for(self, build: dict) -> factory.Namespaces:
+        """The container asked for ahead (if built for the same settings) or a new one."""
+        warm, self._warm = self._warm, None
+        if warm is not None and warm[0] != build:
+            self.factory.discard(warm[1])
+            warm = None
+        return self.factory.wait(warm[1] if warm else self.factory.request(build))
+
+    def shut_down_containers(self) -> None:
+        if self._warm is not None:
+            self.factory.discard(self._warm[1])
+            self._warm = None
+
+    @property
+    def factory(self) -> factory.InitFactory:
+        if self._factory is None:
+            fd = int(os.environ.pop(FACTORY_FD_ENV))
+            self._factory = factory.InitFactory(socket.socket(fileno=fd))
+        return self._factory
+
+    @property
+    def masks(self) -> list:
+        if self._masks is None:
+            self._masks = rootfs.system_path_masks()
+        return self._masks
 
     def prepare(self, request: dict, fds: list[int]) -> tuple:
-        """What runtime.container.start needs for ``request`` (here or in the zygote)."""
-        event_w = fds[0]
-        config = dict(request["config"], entries=self.start["entries"])
-        keep = _capture_fds(self.config) | {self.crash_fd, self.start["session_output_fd"]}
+        """What container.fork_test needs for ``request`` (here or in the zygote):
+        ``(config, payload, event_fd, keep_fds)``; ``fds`` are the events file, the
+        notify pipe and, in mode "fresh", the capture link."""
+        events_fd, notify_w = fds[:2]
+        keep = _capture_fds(self.config) | {self.crash_fd, self.start["session_output_fd"], notify_w}
         if request["mode"] == "fresh":
-            keep.add(fds[1])
-            payload = self._fresh_payload(request["nodeid"], request["fresh_arg"], event_w,
-                                          request["deadline"], fds[1])
+            keep.add(fds[2])
+            payload = self._fresh_payload(events_fd, notify_w, fds[2])
         else:
-            item = self.items[request["nodeid"]]
-            payload = lambda: self.run_item(item, event_w, self.crash_fd, request["deadline"])  # noqa: E731
-        return config, payload, event_w, keep
+            def payload(job: dict) -> None:
+                self.run_item(self.items[job["nodeid"]], events_fd, notify_w, self.crash_fd, job["deadline"])
+        return request["config"], payload, events_fd, keep
 
     @property
     def zygote(self) -> zygote_module.Zygote:
+        """Forks the tests (see runtime/zygote.py); forked after gc.freeze()."""
         if self._zygote is None:
             self._zygote = zygote_module.Zygote(self.prepare)
         return self._zygote
 
-    def _fresh_payload(self, nodeid: str, fresh_arg: str, event_w: int, deadline, link_fd: int):
-        job = {
-            "option_dict": self.start["option_dict"], "workerinput": self.start["workerinput"],
-            "sys_path": self.start["sys_path"], "argv": self.start["argv"], "args": [fresh_arg], "nodeid": nodeid,
-            "event_fd": event_w, "crash_fd": self.crash_fd, "capture_link_fd": link_fd, "deadline": deadline,
-        }
+    @property
+    def limits_zygote(self) -> zygote_module.Zygote:
+        """Forks the limited tests, from inside the limits cgroup."""
+        if self._limits_zygote is None:
+            self._limits_zygote = zygote_module.Zygote(self.prepare)
+        return self._limits_zygote
 
-        def exec_fresh_interpreter() -> None:
-            for fd in (event_w, self.crash_fd, link_fd):
+    def _fresh_payload(self, events_fd: int, notify_w: int, link_fd: int):
+        def exec_fresh_interpreter(job: dict) -> None:
+            job = dict(job, event_fd=events_fd, notify_fd=notify_w, crash_fd=self.crash_fd, capture_link_fd=link_fd,
+                       option_dict=self.start["option_dict"], workerinput=self.start["workerinput"],
+                       sys_path=self.start["sys_path"], argv=self.start["argv"], args=[job["fresh_arg"]])
+            for fd in (events_fd, notify_w, self.crash_fd, link_fd):
                 os.set_inheritable(fd, True)
             os.environ[JOB_ENV] = json.dumps(job)
             boot = "from pytest_isolate.remote import fresh_main; fresh_main()"
@@ -379,7 +450,7 @@ class FreshRunner(ContainerReporter):
             events.send(job["event_fd"], "not_collected", {"message": "not collected by a fresh pytest"})
             return True
         _pass_capture_files(self.config, job["capture_link_fd"])
-        self.run_item(items[0], job["event_fd"], job["crash_fd"], job["deadline"])
+        self.run_item(items[0], job["event_fd"], job["notify_fd"], job["crash_fd"], job["deadline"])
         return True
 
 

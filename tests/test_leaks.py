@@ -110,7 +110,7 @@ def find_processes(cmdline_part: str) -> list[int]:
 
 def ours(token: str, mark: str) -> dict[int, str]:
     """Processes of our inner run: the sleepers (by argv), and everything that inherited
-    the token: controller, container hosts, keepers, inits, tests, and the launchers and
+    the token: controller, container hosts, factories, inits, zygotes, tests, and the launchers and
     fresh interpreters with ``pytest_isolate`` on their command line (processes of other
     runs with ``pytest_isolate`` on theirs are not ours to judge)."""
     found = {}
@@ -239,7 +239,7 @@ def test_nothing_left_after_pytest_is_sigkilled(pytester, monkeypatch, mode) -> 
             assert time.monotonic() < deadline, "the inner test's sleepers never showed up"
             time.sleep(0.05)
         tree = descendants(inner.pid)
-        assert len(tree) >= 5  # container host, keeper, init, test, sleeper at least
+        assert len(tree) >= 5  # launcher, container host, factory, init, zygote, test, sleeper
         inner.kill()
         inner.wait(10)
         alive = lambda: {p: t for p, t in tree.items() if start_time(p) == t}  # noqa: E731

@@ -413,7 +413,7 @@ def test_2_two():
 
 def test_limit_pids_counts_the_containers_processes_only(pytester, run) -> None:
     """pids=N: N tasks in the container, its init included (as in Docker); the
-    runtime's own processes in the group (zygote, keeper) do not count."""
+    runtime's limits zygote (in the group in place of init, which is not) counts as init."""
     if not HAS_CGROUPS:
         pytest.skip(f"no cgroups here (best-effort's RLIMIT_NPROC counts the user's processes): "
                     f"{NO_CGROUP_REASON}")

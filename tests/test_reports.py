@@ -429,20 +429,24 @@ LOST_HOST = '''
 import os, signal, threading, time
 import pytest
 
+TICKS = os.sysconf("SC_CLK_TCK")
+
 def descendants():
-    """Every process below this pytest: the container host and its containers."""
-    children = {}
+    """{pid: start time in ticks since boot} of every process below this pytest."""
+    parents, started = {}, {}
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{entry}/stat") as f:
-                children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+                fields = f.read().rsplit(")", 1)[1].split()
+            parents.setdefault(int(fields[1]), []).append(int(entry))
+            started[int(entry)] = int(fields[19])
         except (OSError, ValueError, IndexError):
             pass
-    found, todo = [], [os.getpid()]
+    found, todo = {}, [os.getpid()]
     while todo:
-        kids = children.get(todo.pop(), [])
-        found += kids
-        todo += kids
+        for kid in parents.get(todo.pop(), []):
+            found[kid] = started.get(kid, 0)
+            todo.append(kid)
     return found
 
 def kill_descendants():
@@ -452,12 +456,20 @@ def kill_descendants():
         except ProcessLookupError:
             pass
 
-def kill_when_a_container_runs(baseline):
-    """Wait for more processes than the idle host has (a test's container), then kill."""
+def uptime_ticks():
+    with open("/proc/uptime") as f:
+        return float(f.read().split()[0]) * TICKS
+
+def kill_when_a_container_runs():
+    """Wait until a process that was not there at this call has lived for half a
+    second (test_3's: every other test is over in a blink), then kill them all."""
+    before = set(descendants())
     deadline = time.monotonic() + 20
-    while len(descendants()) <= baseline and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        now = uptime_ticks()
+        if any(start < now - TICKS / 2 for pid, start in descendants().items() if pid not in before):
+            break
         time.sleep(0.02)
-    time.sleep(0.3)
     kill_descendants()
 
 @pytest.mark.isolated
@@ -472,7 +484,7 @@ def test_4_gets_a_new_host(): pass
 
 def test_host_killed_during_a_test_fails_that_test_and_a_new_host_runs_the_next(pytester, run) -> None:
     """The host dies while a test runs: that test FAILED ("lost the link"), the run goes on."""
-    arm = "threading.Thread(target=kill_when_a_container_runs, args=(len(descendants()),)).start()"
+    arm = "threading.Thread(target=kill_when_a_container_runs).start()"
     pytester.makepyfile(test_lost=LOST_HOST % arm)
     result = run("-rA")
     result.assert_outcomes(passed=3, failed=1)

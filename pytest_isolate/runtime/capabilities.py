@@ -32,12 +32,19 @@ NUMBERS = {f"CAP_{name}": number for number, name in enumerate(NAMES)}
 PR_CAP_AMBIENT_RAISE = 2
 
 
-def last_cap() -> int:
+def _read_last_cap() -> int:
     try:
         with open("/proc/sys/kernel/cap_last_cap") as f:
             return int(f.read())
     except (OSError, ValueError):
         return len(NAMES) - 1
+
+
+_LAST_CAP = _read_last_cap()  # read once, in the host: every test inherits it
+
+
+def last_cap() -> int:
+    return _LAST_CAP
 
 
 def drop_all(keep: frozenset[str] | set[str] = frozenset()) -> None:

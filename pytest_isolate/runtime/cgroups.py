@@ -26,10 +26,10 @@ import time
 
 PREFIX = "pytest-isolate-"
 CFS_PERIOD_US = 100_000
-# The limits zygote and each container's keeper sit in the group too, outside the
-# container: the pids limit is raised by them, so that it counts the container only
-# (its init included, as in Docker).
-RUNTIME_PIDS = 2
+# Processes of the runtime in the group, outside the container: the limits zygote.
+# It stands in for the container's init, which the factory forks outside the group,
+# so that ``pids`` still counts the container's processes with its init, as in Docker.
+RUNTIME_PIDS = 0
 
 
 class CgroupError(Exception):

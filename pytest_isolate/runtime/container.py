@@ -1,27 +1,40 @@
 """The life of a container, top to bottom.
 
-Process tree (pids as the host sees them)::
+Process tree::
 
-    pytest (controller)                      the user's pytest, or an xdist worker
-      └─ container host          [enter_host]  user+mount+net+uts+ipc namespaces,
-           │                                   pivoted into the image stage; collected
-           │                                   the tests once; multi-threaded (execnet)
-           └─ keeper             [_keeper]     forked per test, single-threaded: new
-                │                              mount, uts, ipc, net, pid, cgroup namespaces,
-                │                              the test's root filesystem, lo, hostname
-                └─ init (pid 1)  [_init]       /proc, masked paths, pivot_root, reaps,
-                     │                         reports the test's exit status
-                     └─ test     [_payload]    new session, fds closed, new keyring,
+    pytest (controller)                       the user's pytest, or an xdist worker
+      └─ launcher            [launch.main]     builds the host's namespaces, forks, waits;
+           │                                   dies with pytest
+           └─ container host [enter_host]      pid 1 of its own pid namespace; user,
+                │                              mount, net, uts, ipc namespaces; pivoted
+                │                              into the image stage; collected the tests
+                │                              once; multi-threaded (execnet)
+                ├─ factory   [factory.serve]   small (forked before the host's exec):
+                │    │                         forks an init per test
+                │    └─ init [build_container] pid 1 of a new pid namespace; new mount,
+                │                              uts, ipc, net namespaces, the test's root
+                │                              filesystem, /proc, masked paths, lo,
+                │                              hostname, pivot_root; reaps orphans
+                └─ zygote    [zygote.py]       forked after collection; forks the tests
+                     └─ test [fork_test,_test] born INTO init's pid namespace, joins its
+                                               other namespaces: new cgroup namespace and
+                                               session, fds closed, new keyring,
                                                capabilities dropped, no_new_privs,
                                                Landlock, seccomp; runs the payload
 
-The payload is a function: in the default mode it runs an already-collected pytest
-item in the forked process; in the strict mode it execs a fresh interpreter. Both
-modes share every step above.
+Why two branches: a fork costs what the forking process holds (page tables, and
+every page written afterwards is copied). Only the test needs the host's memory (the
+collected items), so only the test is forked from (a zygote of) the host; everything
+else is built by an init forked from the small factory, usually while the previous
+test still runs.
 
-Each process asks for SIGKILL when its parent dies, so killing the keeper (timeout)
-or the host (pytest was SIGKILLed) takes the whole container down, and with it every
-mount and namespace: nothing is created outside these namespaces.
+The payload is a function of the job it is given: in the default mode it runs an
+already-collected pytest item in the forked process; in the strict mode it execs a
+fresh interpreter. Both modes share every step above.
+
+Killing init ends the container: the kernel kills every process of its pid
+namespace, and with the last one every mount and namespace goes. Each process asks
+for SIGKILL when its parent dies, so a SIGKILLed pytest takes it all down too.
 """
 
 from __future__ import annotations
@@ -36,25 +49,24 @@ from typing import Callable, Iterator
 
 from . import capabilities, events, landlock, network, process, rootfs, seccomp, syscalls, user_ns
 
-HOST_NAMESPACES = syscalls.CLONE_NEWNET | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC
-CONTAINER_NAMESPACES = (
-    syscalls.CLONE_NEWNS
-    | syscalls.CLONE_NEWUTS
-    | syscalls.CLONE_NEWIPC
-    | syscalls.CLONE_NEWNET
-    | syscalls.CLONE_NEWPID
-    | syscalls.CLONE_NEWCGROUP
-)
+# The host's own namespaces; CLONE_NEWPID makes its first child (the host) pid 1.
+HOST_NAMESPACES = syscalls.CLONE_NEWNET | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC | syscalls.CLONE_NEWPID
+# What init unshares; its pid namespace was made by the factory before the fork, and
+# the test makes its own cgroup namespace (it may be born in a limits cgroup).
+CONTAINER_NAMESPACES = syscalls.CLONE_NEWNS | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC | syscalls.CLONE_NEWNET
 EXIT_CONTAINER_FAILED = 125
+MAX_JOB = 1 << 22
 
 
 # -- the container host: once per pytest process (or xdist worker) and image --------
 
 def enter_host(spec: dict) -> list[str]:
-    """Turn the calling single-threaded launcher into a container host.
+    """Build the container host's namespaces and stage around the calling,
+    single-threaded launcher.
 
     ``spec``: {"entries": image entries, "sources": user-mount sources, "cwd": str,
-    "hostname": str}. The launcher execs the host interpreter right after this.
+    "hostname": str}. The launcher forks right after this: its first child, pid 1 of
+    the new pid namespace, execs the host interpreter; the second is the factory.
     """
     controller = os.getppid()
     process.die_with_parent(controller)
@@ -75,7 +87,9 @@ def enter_host(spec: dict) -> list[str]:
     # Changing uids (root's join above) clears the parent-death signal: set it again.
     process.die_with_parent(controller)
     # Module-level code of test files runs in the host during collection: give it no
-    # network and no host hostname or SysV IPC either.
+    # network, no host hostname or SysV IPC, and no host process to signal. The pid
+    # namespace, owned by our user namespace, is also what lets the factory make one
+    # per container before forking its init (factory.serve).
     syscalls.unshare(HOST_NAMESPACES)
     network.bring_up_loopback()
     socket.sethostname(spec.get("hostname") or "isolated")
@@ -91,19 +105,50 @@ def enter_host(spec: dict) -> list[str]:
 
 # -- one test's container -------------------------------------------------------------
 
-def start(config: dict, payload: Callable[[], None], event_fd: int, keep_fds: set[int]) -> int:
-    """Fork one test's container from the host; return the keeper's pid.
+def build_container(config: dict) -> None:
+    """Build a test's container around the caller, pid 1 of a new pid namespace (init,
+    forked by the factory). ``config``: {"entries", "mounts", "hostname",
+    "system_paths", "masks"}."""
+    syscalls.unshare(CONTAINER_NAMESPACES)
+    root = rootfs.build_test_root(config["entries"], config.get("mounts", []))
+    network.bring_up_loopback()
+    socket.sethostname(config.get("hostname") or "isolated")
+    # /proc belongs to the pid namespace of the process that mounts it: pid 1 here.
+    rootfs.mount_proc(root)
+    if config.get("system_paths", "masked") == "masked":
+        rootfs.mask_system_paths(root, config.get("masks"))
+    rootfs.pivot_into(root)
 
-    ``config``: {"entries", "mounts", "hostname", "env", "cwd", "system_paths",
-    "cap_add", "landlock" (writable paths or None), "seccomp_programs"}. ``event_fd`` is the
-    write end of the stream the container reports on; ``keep_fds`` are the other fds
-    the payload needs (pytest's capture files, the crash log).
+
+_host_pid_ns: list[int] = []
+
+
+def _pid_namespace_of_host() -> int:
+    if not _host_pid_ns:
+        _host_pid_ns.append(os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC))
+    return _host_pid_ns[0]
+
+
+def fork_test(namespaces, config: dict, payload: Callable[[dict], None], job: dict,
+              event_fd: int, keep_fds: set[int]) -> int:
+    """Fork the test process (from a zygote) into a built container; returns its pid.
+
+    ``namespaces``: a factory.Namespaces. ``config`` adds to build_container's keys
+    {"env", "cwd", "cap_add", "landlock" (writable paths or None), "seccomp_programs",
+    "rlimits"}. ``event_fd`` is the write end of the stream the test reports on;
+    ``keep_fds`` are the other fds the payload needs (pytest's capture files, the
+    crash log). The child runs ``payload(job)``.
     """
-    host = os.getpid()
-    keeper = os.fork()
-    if keeper == 0:
-        _exit_on_error(event_fd, _keeper, config, payload, event_fd, keep_fds, host)
-    return keeper
+    # setns() to a pid namespace decides where the caller's next child is born; the
+    # caller itself stays, and returns to its own for the children after this one.
+    syscalls.setns(namespaces.fds["pid"], syscalls.CLONE_NEWPID)
+    try:
+        test = os.fork()
+        if test == 0:
+            _exit_on_error(event_fd, _test, namespaces.fds, config, payload, job, event_fd, keep_fds)
+    finally:
+        syscalls.setns(_pid_namespace_of_host(), syscalls.CLONE_NEWPID)
+    return test
 
 
 def _exit_on_error(event_fd: int, step: Callable, *args) -> None:
@@ -120,40 +165,16 @@ def _exit_on_error(event_fd: int, step: Callable, *args) -> None:
     os._exit(0)
 
 
-def _keeper(config: dict, payload, event_fd: int, keep_fds: set[int], host: int) -> None:
-    process.die_with_parent(host)
-    # The pid namespace only applies to children: init is forked below.
-    syscalls.unshare(CONTAINER_NAMESPACES)
-    root = rootfs.build_test_root(config["entries"], config.get("mounts", []))
-    network.bring_up_loopback()
-    socket.sethostname(config.get("hostname") or "isolated")
-    init = os.fork()
-    if init == 0:
-        _exit_on_error(event_fd, _init, root, config, payload, event_fd, keep_fds)
-    _, status = os.waitpid(init, 0)
-    os._exit(os.waitstatus_to_exitcode(status) & 0xFF if os.WIFEXITED(status) else 128 + 9)
-
-
-def _init(root: str, config: dict, payload, event_fd: int, keep_fds: set[int]) -> None:
-    # The keeper is outside this pid namespace: getppid() is 0 while it lives.
+def _test(namespace_fds: dict, config: dict, payload, job: dict, event_fd: int, keep_fds: set[int]) -> None:
+    # The zygote is outside the container's pid namespace: getppid() is 0 while it lives.
     process.die_with_parent(0)
-    # /proc belongs to the pid namespace of the process that mounts it: pid 1 here.
-    rootfs.mount_proc(root)
-    if config.get("system_paths", "masked") == "masked":
-        rootfs.mask_system_paths(root)
-    rootfs.pivot_into(root)
-    test = os.fork()
-    if test == 0:
-        _exit_on_error(event_fd, _payload, config, payload, event_fd, keep_fds)
-    process.close_fds_except({event_fd})
-    while True:  # reap everything; the test's own exit ends the container
-        pid, status = os.wait()
-        if pid == test:
-            events.send(event_fd, "exit", {"status": status})
-            return
-
-
-def _payload(config: dict, payload, event_fd: int, keep_fds: set[int]) -> None:
+    # setns() needs a single-threaded caller: a forked child is one. Joining the mount
+    # namespace also moves the root and cwd to the container's root.
+    for name, kind in (("mnt", syscalls.CLONE_NEWNS), ("net", syscalls.CLONE_NEWNET),
+                       ("uts", syscalls.CLONE_NEWUTS), ("ipc", syscalls.CLONE_NEWIPC)):
+        syscalls.setns(namespace_fds[name], kind)
+    # A cgroup namespace of its own, rooted where the test was born (its limits group).
+    syscalls.unshare(syscalls.CLONE_NEWCGROUP)
     process.new_session()
     try:
         os.chdir(config.get("cwd") or "/")
@@ -179,63 +200,110 @@ def _payload(config: dict, payload, event_fd: int, keep_fds: set[int]) -> None:
         landlock.restrict_writes(config["landlock"])
     for program in config.get("seccomp_programs", ()):
         seccomp.load(program)
-    payload()
+    payload(job)
+
+
+def own_usage() -> dict:
+    """CPU time and peak memory of the calling process and its reaped children."""
+    mine, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"cpu_seconds": mine.ru_utime + mine.ru_stime + children.ru_utime + children.ru_stime,
+            "max_rss": max(mine.ru_maxrss, children.ru_maxrss) * 1024}
 
 
 # -- the host side of a running container -----------------------------------------------
 
 class Supervisor:
-    """Relays a container's events to the host and enforces its timeout."""
+    """Waits for a test, enforces its timeout, and reads what it reported.
 
-    def __init__(self, keeper: int, event_r: int, timeout: float | None, reap=None) -> None:
-        self.keeper = keeper
-        self.event_r = event_r
+    A test writes its events to a file (``events_fd``, see events.py) and wakes the
+    host only once, by writing to ``notify_r``'s pipe when it has finished; a crash
+    shows on a pidfd of the test process (not as end-of-file on the pipe: processes
+    the test left behind may hold its write end). A test still running after ``RELAY_AFTER``
+    seconds has what it reported so far passed to ``relay`` now and then, so that a
+    lost host still leaves the controller knowing how far the test got.
+
+    A finished test is over: with ``wait_for_exit`` false, its container's teardown
+    (process exit, namespaces, mounts) goes on off the critical path and the test is
+    reaped later (see zygote.py); otherwise, or if it never finished, it is reaped
+    here. ``kill`` ends the whole container (see factory.Namespaces.end).
+    """
+
+    RELAY_AFTER = 0.25
+
+    def __init__(self, test: int, test_pidfd: int, events_fd: int, notify_r: int, timeout: float | None,
+                 kill: Callable[[], None], reap, relay: Callable[[list], None],
+                 wait_for_exit: bool = True) -> None:
+        self.test = test
+        self.test_pidfd = test_pidfd
+        self.events_fd = events_fd
+        self.notify_r = notify_r
         self.deadline = None if not timeout else time.monotonic() + timeout
+        self.kill = kill
+        self.reap = reap
+        self.relay = relay
+        self.wait_for_exit = wait_for_exit
         self.timed_out = False
+        self.finished = False
+        self.reaped = False
         self.exit_status: int | None = None
         self.rusage: dict = {}
-        # How to collect the keeper: by default it is our child; a zygote's keeper
-        # is collected by the zygote.
-        self._reap = reap or (lambda: reap_with_usage(keeper))
+        self._reader = events.Reader()
+        self._offset = 0
 
-    def events(self) -> Iterator[tuple[str, dict]]:
-        reader = events.Reader()
+    def events(self) -> list[tuple[str, dict]]:
+        """Wait; returns what was reported and not relayed yet."""
+        next_relay = time.monotonic() + self.RELAY_AFTER
         try:
             while True:
-                wait = None if self.deadline is None else self.deadline - time.monotonic()
-                if wait is not None and wait <= 0:
+                now = time.monotonic()
+                if self.deadline is not None and now >= self.deadline:
                     self.timed_out = True
                     self.kill()
                     self.deadline = None
                     continue
-                ready, _, _ = select.select([self.event_r], [], [], wait)
+                if now >= next_relay:
+                    self._relay(self._read_new())
+                    next_relay = now + self.RELAY_AFTER
+                wait = next_relay - now if self.deadline is None else min(self.deadline, next_relay) - now
+                ready, _, _ = select.select([self.notify_r, self.test_pidfd], [], [], max(wait, 0))
                 if not ready:
                     continue
-                data = os.read(self.event_r, 1 << 20)
-                if not data:
+                ended = self.test_pidfd in ready or not os.read(self.notify_r, 4096)
+                reported = self._read_new()
+                if ended or (self.finished and not self.wait_for_exit):
                     break
-                for name, payload in reader.feed(data):
-                    if name == "exit":
-                        self.exit_status = payload.get("status")
-                    else:
-                        yield name, payload
-                if reader.corrupt:
-                    self.kill()
+                self._relay(reported)
         finally:
-            os.close(self.event_r)
-        keeper_status, self.rusage = self._reap()
-        if self.exit_status is None:  # init never reported: the keeper's status tells
-            self.exit_status = keeper_status
+            os.close(self.notify_r)
+            os.close(self.events_fd)
+            os.close(self.test_pidfd)
+        if not (self.finished and not self.wait_for_exit):
+            self.exit_status, rusage = self.reap()
+            self.reaped = True
+            self.rusage = rusage or self.rusage
+        return reported
 
-    def kill(self) -> None:
-        try:
-            os.kill(self.keeper, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    def _relay(self, reported: list) -> None:
+        if reported:
+            self.relay(reported)
+
+    def _read_new(self) -> list[tuple[str, dict]]:
+        size = os.fstat(self.events_fd).st_size
+        reported = []
+        if size > self._offset:
+            reported = self._reader.feed(os.pread(self.events_fd, size - self._offset, self._offset))
+            self._offset = size
+        if self._reader.corrupt:
+            self.kill()
+        for name, payload in reported:
+            if name == "finished":
+                self.finished = True
+                self.rusage = payload.pop("usage", {})
+                self.deadline = None
+        return reported
 
 
 def reap_with_usage(pid: int) -> tuple[int, dict]:
-    """Wait for ``pid``; its status and the resources its whole tree used (every
-    process in a container is reaped by init, init by the keeper)."""
+    """Wait for ``pid``; its status and the resources it and its reaped children used."""
     _, status, usage = os.wait4(pid, 0)
     return status, {"cpu_seconds": usage.ru_utime + usage.ru_stime, "max_rss": usage.ru_maxrss * 1024}

@@ -5,6 +5,11 @@ marshal is in every Python, fast, and only takes builtin types, which is exactly
 execnet forwards too; ``plain`` converts anything else (e.g. a user property holding
 a custom object) to its repr instead of failing the test.
 
+A test writes its frames to a file of its own (a memfd the host made) rather than
+to a pipe: nothing wakes the host while the test runs, and whatever the test wrote
+before a crash is still there to read. The test wakes the host once, through a
+pipe, when it has finished (see container.Supervisor).
+
 The reader never trusts the stream: a test can write to its own event fd, so a
 malformed frame ends the stream with a ``corrupt`` event instead of an exception.
 """
@@ -36,12 +41,23 @@ def plain(value, _depth=0):
         return f"<unrepresentable {type(value).__name__}>"
 
 
-def encode(name: str, data: dict) -> bytes:
+def encode_body(value) -> bytes:
+    """marshal of ``value``, with what marshal cannot take replaced by its repr()."""
     try:
-        body = marshal.dumps((name, data))
+        return marshal.dumps(value)
     except ValueError:
-        body = marshal.dumps((name, plain(data)))
+        return marshal.dumps(plain(value))
+
+
+def encode(name: str, data: dict) -> bytes:
+    body = encode_body((name, data))
     return _HEADER.pack(len(body)) + body
+
+
+def new_stream() -> tuple[int, int, int]:
+    """(events file, notify read end, notify write end) for one test."""
+    notify_r, notify_w = os.pipe2(os.O_CLOEXEC)
+    return os.memfd_create("pytest-isolate-events", os.MFD_CLOEXEC), notify_r, notify_w
 
 
 def send(fd: int, name: str, data: dict | None = None) -> None:

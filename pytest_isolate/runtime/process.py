@@ -18,6 +18,19 @@ def die_with_parent(expected_parent: int) -> None:
         os._exit(137)
 
 
+def outer_pid() -> int | None:
+    """The caller's pid as /proc's pid namespace numbers it: the controller's, since
+    the container host keeps the host's /proc (the first field of NSpid)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def open_fds() -> list[int]:
     try:
         return [int(name) for name in os.listdir("/proc/self/fd")]

@@ -313,22 +313,41 @@ MASKED_GLOBS = ("/sys/devices/system/cpu/cpu*/thermal_throttle",)
 READ_ONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 
 
-def mask_system_paths(root: str) -> None:
-    """Apply the masked and read-only paths under ``root`` (after /proc and /sys)."""
+def system_path_masks() -> list[tuple[str, str]]:
+    """What mask_system_paths does, worked out once by the host (which sees the same
+    kernel): ``(path, how)`` with how "dir" (empty tmpfs), "file" (/dev/null bound
+    over it) or "ro" (bound read-only)."""
     import glob
 
-    targets = [_join(root, p) for p in MASKED_PATHS]
-    targets += [t for pattern in MASKED_GLOBS for t in glob.glob(_join(root, pattern))]
-    for target in targets:
-        if os.path.isdir(target):
-            syscalls.mount("tmpfs", target, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=0,mode=0")
-        elif os.path.exists(target):
-            syscalls.mount(_join(root, "/dev/null"), target, None, MS_BIND)
-    for path in READ_ONLY_PATHS:
+    masks = []
+    for path in list(MASKED_PATHS) + [p for pattern in MASKED_GLOBS for p in glob.glob(pattern)]:
+        if os.path.isdir(path):
+            masks.append((path, "dir"))
+        elif os.path.exists(path):
+            masks.append((path, "file"))
+    masks += [(path, "ro") for path in READ_ONLY_PATHS if os.path.exists(path)]
+    return masks
+
+
+def mask_system_paths(root: str, masks: list | None = None) -> None:
+    """Apply the masked and read-only paths under ``root`` (after /proc and /sys)."""
+    empty_dir = None  # one empty read-only tmpfs, bound over every masked directory
+    for path, how in system_path_masks() if masks is None else masks:
         target = _join(root, path)
-        if os.path.exists(target):
-            syscalls.mount(target, target, None, MS_BIND | MS_REC)
-            remount_readonly(target)
+        try:
+            if how == "dir" and empty_dir is None:
+                syscalls.mount("tmpfs", target, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                               "size=0,mode=0")
+                empty_dir = target
+            elif how == "dir":
+                syscalls.mount(empty_dir, target, None, MS_BIND)
+            elif how == "file":
+                syscalls.mount(_join(root, "/dev/null"), target, None, MS_BIND)
+            else:
+                syscalls.mount(target, target, None, MS_BIND | MS_REC)
+                remount_readonly(target)
+        except FileNotFoundError:  # e.g. no /sys in this image
+            continue
 
 
 def mount_sysfs(root: str) -> None:

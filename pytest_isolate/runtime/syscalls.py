@@ -139,15 +139,15 @@ def idmapped_bind(source_fd: int, target: str, userns_fd: int, attrs: int) -> No
         os.close(tree)
 
 
+# A prototype with argtypes: ctypes converts plain ints itself, which matters where
+# prctl() runs dozens of times per test (dropping the bounding set).
+_prctl = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                          ctypes.c_ulong, use_errno=True)(("prctl", libc))
+
+
 def prctl(option: int, arg2: int = 0, arg3: int = 0) -> int:
-    result = libc.prctl(
-        ctypes.c_int(option),
-        ctypes.c_ulong(arg2),
-        ctypes.c_ulong(arg3),
-        ctypes.c_ulong(0),
-        ctypes.c_ulong(0),
-    )
-    return check(result, f"prctl({option})")
+    result = _prctl(option, arg2, arg3, 0, 0)
+    return check(result, f"prctl({option})") if result < 0 else result
 
 
 KEYCTL_JOIN_SESSION_KEYRING = 1

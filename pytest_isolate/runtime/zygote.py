@@ -1,11 +1,20 @@
-"""A zygote: a fork of the container host that waits in a cgroup and forks the
-containers of limited tests there.
+"""Zygotes: forks of the container host that fork the test processes.
 
-A process forked by a member of a cgroup is born in it, so the containers of
-limited tests never migrate into their cgroup; only the zygote did, once (on
-cgroup v1 the first migration after a quiet spell waits ≈ 10 ms for an RCU grace
-period). The zygote is forked after collection, so it holds the same collected
-items as the host; requests name the test and bring the fds the container needs.
+The host forks a zygote once collection is over, and the zygote forks every test.
+Two reasons not to fork tests from the host itself:
+
+* after each fork every page the forking process writes is copied again (it is now
+  shared with the child). The host runs execnet and pytest code between tests and
+  would pay that on hundreds of pages per test; a zygote only runs this loop.
+* a process forked by a member of a cgroup is born in it. The zygote of limited
+  tests is moved into its cgroup once (by the controller), so those tests never
+  migrate there (on cgroup v1 the first migration after a quiet spell waits ≈ 10 ms
+  for an RCU grace period).
+
+A zygote holds the same collected items as the host; requests name the test and
+bring the fds it needs, the container's namespaces last. Test processes are its
+children: it reaps them, and reports an exit status only when the host asks (a test
+that crashed); tests that finished are reaped in passing.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ import os
 import socket
 from typing import Callable
 
-from . import container, process
+from . import container, factory, process
 
 MAX_REQUEST = 1 << 22
 
@@ -23,48 +32,72 @@ MAX_REQUEST = 1 << 22
 class Zygote:
     def __init__(self, prepare: Callable[[dict, list[int]], tuple]) -> None:
         """``prepare(request, fds)`` returns ``(config, payload, event_fd, keep_fds)``
-        for runtime.container.start."""
+        for container.fork_test."""
         host_end, zygote_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         host = os.getpid()
-        self.pid = os.fork()
-        if self.pid == 0:
+        pid = os.fork()
+        if pid == 0:
             host_end.close()
             try:
                 process.die_with_parent(host)
+                zygote_end.send(marshal.dumps(process.outer_pid()))
                 _serve(zygote_end, prepare)
             finally:
                 os._exit(0)
         zygote_end.close()
         self.link = host_end
+        # What the controller writes to cgroup.procs: the pid in its own namespace.
+        self.pid = marshal.loads(self.link.recv(64)) or pid
+        self.finished: list[int] = []  # tests that are over; the zygote reaps them
 
     def start(self, request: dict, fds: list[int]) -> int:
-        """Fork a container from the zygote; returns the keeper's pid."""
-        socket.send_fds(self.link, [marshal.dumps(request)], fds)
+        """Fork a test; ``fds`` end with the container's namespaces
+        (factory.NAMESPACE_FILES). Returns the test's pid."""
+        request = dict(request, finished=self.finished)
+        socket.send_fds(self.link, [marshal.dumps(("start", request))], fds)
+        self.finished = []
         kind, value = marshal.loads(self.link.recv(MAX_REQUEST))
         if kind != "started":
-            raise OSError(1, f"the limits zygote could not start the container: {value}")
+            raise OSError(1, f"the zygote could not start the test: {value}")
         return value
 
-    def reap(self) -> tuple[int, dict]:
-        """The keeper's wait status and resource usage, once it has ended."""
+    def reap(self, pid: int) -> tuple[int, dict]:
+        """The test's wait status and resource usage, once it has ended."""
+        self.link.send(marshal.dumps(("reap", pid)))
         _, status, usage = marshal.loads(self.link.recv(MAX_REQUEST))
         return status, usage
 
 
 def _serve(link: socket.socket, prepare) -> None:
+    finished: set[int] = set()
     while True:
-        message, fds, _, _ = socket.recv_fds(link, MAX_REQUEST, 8)
+        message, fds, _, _ = socket.recv_fds(link, MAX_REQUEST, 16)
         if not message:
             return  # the host is gone
+        kind, request = marshal.loads(message)
+        if kind == "reap":
+            link.send(marshal.dumps(("exited", *container.reap_with_usage(request))))
+            continue
+        finished.update(request.get("finished", ()))
+        _reap_finished(finished)
         try:
-            config, payload, event_fd, keep = prepare(marshal.loads(message), fds)
-            keeper = container.start(config, payload, event_fd, keep)
+            config, payload, event_fd, keep = prepare(request, fds)
+            namespaces = factory.Namespaces(fds[-len(factory.NAMESPACE_FILES):])
+            test = container.fork_test(namespaces, config, payload, request["job"], event_fd, keep)
         except Exception as exc:
             link.send(marshal.dumps(("error", f"{type(exc).__name__}: {exc}")))
             continue
         finally:
             for fd in fds:
                 os.close(fd)
-        link.send(marshal.dumps(("started", keeper)))
-        status, usage = container.reap_with_usage(keeper)
-        link.send(marshal.dumps(("exited", status, usage)))
+        link.send(marshal.dumps(("started", test)))
+
+
+def _reap_finished(finished: set[int]) -> None:
+    for pid in list(finished):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            finished.discard(pid)
