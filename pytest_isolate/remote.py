@@ -41,14 +41,13 @@ import time
 import pytest
 
 from pytest_isolate.runtime import container, events, factory, rootfs
+from pytest_isolate.runtime import pipeline as pipeline_module
 from pytest_isolate.runtime import zygote as zygote_module
 
 HOST_ERROR_ENV = "PYTEST_ISOLATE_HOST_ERROR"
 HOST_NOTES_ENV = "PYTEST_ISOLATE_HOST_NOTES"
 JOB_ENV = "PYTEST_ISOLATE_JOB"
 FACTORY_FD_ENV = "PYTEST_ISOLATE_FACTORY_FD"
-# What a container's init needs to build it (the rest is for the test process).
-BUILD_KEYS = ("entries", "mounts", "hostname", "system_paths", "masks")
 # How long after the timeout (when faulthandler dumps the stack) the container dies.
 KILL_GRACE = 0.25
 
@@ -124,9 +123,10 @@ def _pass_capture_files(config: pytest.Config, link_fd: int) -> None:
 
 def _read_passed_capture(link: socket.socket) -> tuple[str, str]:
     """What the fresh interpreter had captured when it died (see _pass_capture_files)."""
+    link.setblocking(False)  # recv_fds() ignores its flags argument before Python 3.12
     try:
-        _, fds, _, _ = socket.recv_fds(link, 64, 2, socket.MSG_DONTWAIT)
-    except OSError:
+        _, fds, _, _ = socket.recv_fds(link, 64, 2)
+    except OSError:  # nothing was passed: it died before its test ran
         return "", ""
     texts = []
     for fd in fds:
@@ -221,8 +221,7 @@ class Host(ContainerReporter):
         self._seccomp_programs: dict = {}
         self._zygote: zygote_module.Zygote | None = None
         self._limits_zygote: zygote_module.Zygote | None = None
-        self._warm: tuple[dict, int] | None = None  # (settings, factory request) asked ahead
-        self._factory: factory.InitFactory | None = None
+        self._pipeline: pipeline_module.Pipeline | None = None
         self._masks: list | None = None
 
     @pytest.hookimpl
@@ -252,7 +251,8 @@ class Host(ContainerReporter):
             elif name == "run":
                 self.run(**marshal.loads(kwargs))
             else:
-                self.shut_down_containers()
+                if self._pipeline is not None:
+                    self._pipeline.shutdown()
                 return True
 
     @pytest.hookimpl(tryfirst=True)
@@ -296,66 +296,39 @@ class Host(ContainerReporter):
             capman.read_global_capture()  # start from an empty capture file
         os.ftruncate(self.crash_fd, 0)
         os.lseek(self.crash_fd, 0, os.SEEK_SET)  # the test writes at this offset
-        config = dict(container_config, seccomp_programs=programs, masks=self.masks, entries=self.start["entries"])
-        build = {key: config[key] for key in BUILD_KEYS if key in config}
-        job = {"nodeid": nodeid, "fresh_arg": fresh_arg,
-               "deadline": time.monotonic() + timeout if timeout else None}
-        request = {"mode": mode, "config": config, "job": job}
+        request = {"mode": mode, "config": dict(container_config, seccomp_programs=programs, masks=self.masks,
+                                                entries=self.start["entries"])}
         started = time.perf_counter()
-        # Before this test's fds exist: a zygote forked now must not hold them.
+        # Limited tests are forked by the zygote in their cgroup and waited for to the
+        # end: the next one must not share its limits with this one's leftovers.
         zygote = self.limits_zygote if in_zygote else self.zygote
-        events_fd, notify_r, notify_w = events.new_stream()
-        fds, capture_link, container_end, namespaces = [events_fd, notify_w], None, None, None
-        if mode == "fresh":
-            # The fresh interpreter hands its capture files over this link before
-            # the test runs, so that output printed before a crash survives it.
-            capture_link, container_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-            fds.append(container_end.fileno())
         try:
-            namespaces = self._container_for(build)
-            # The factory builds the next test's container while this test runs.
-            self._warm = (build, self.factory.request(build))
-            # Limited tests are forked by the zygote in their cgroup, and waited for
-            # to the end: the next one must not share its limits with this one's
-            # leftovers.
-            test = zygote.start(request, fds + list(namespaces.fds.values()))
+            test = self.pipeline.take(request, zygote)
         except (OSError, factory.InitError) as exc:
-            os.close(events_fd)
-            os.close(notify_r)
-            if capture_link is not None:
-                capture_link.close()
-            if namespaces is not None:
-                namespaces.end()
             self._cannot_start(str(exc), getattr(exc, "step", "start"))
             return
-        finally:
-            os.close(notify_w)
-            if container_end is not None:
-                container_end.close()
-        namespaces.close()  # the pidfd of its init stays, to end it
-        try:
-            # The zygote reaps the test only when told: until then its pid is ours.
-            test_pidfd = os.pidfd_open(test)
-        except OSError:
-            test_pidfd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)  # always "ended"
+        test.go({"nodeid": nodeid, "fresh_arg": fresh_arg,
+                 "deadline": time.monotonic() + timeout if timeout else None})
+        if not in_zygote:
+            self.pipeline.prepare_next(request, zygote)  # while this test runs
         supervisor = container.Supervisor(
-            test, test_pidfd, events_fd, notify_r, timeout and timeout + KILL_GRACE, namespaces.end,
-            reap=lambda: zygote.reap(test), wait_for_exit=in_zygote,
+            test.test, test.test_pidfd, test.events_fd, test.notify_r, timeout and timeout + KILL_GRACE,
+            test.namespaces.end, reap=lambda: zygote.reap(test.test), wait_for_exit=in_zygote,
             relay=lambda reported: self.channel.send(("events", events.encode_body(reported))))
         reported = supervisor.events()
         # The kernel tears the rest down, off our path; but a limited test's leftovers
         # must be gone before the next limited test starts in the same cgroup.
-        namespaces.end(wait=5 if in_zygote else 0)
+        test.namespaces.end(wait=5 if in_zygote else 0)
         if not supervisor.reaped:
-            zygote.finished.append(test)
+            zygote.finished.append(test.test)
         out = err = ""
         if not supervisor.finished:
-            if capture_link is not None:
-                out, err = _read_passed_capture(capture_link)
+            if test.capture_link is not None:
+                out, err = _read_passed_capture(test.capture_link)
             elif capturing:
                 out, err = capman.read_global_capture()
-        if capture_link is not None:
-            capture_link.close()
+        if test.capture_link is not None:
+            test.capture_link.close()
         self.channel.send(("done", events.encode_body({
             "status": supervisor.exit_status, "timed_out": supervisor.timed_out,
             "finished": supervisor.finished, "stdout": out, "stderr": err, "rusage": supervisor.rusage,
@@ -367,25 +340,12 @@ class Host(ContainerReporter):
         self.channel.send(("container_error", {"message": message, "step": step}))
         self.channel.send(("done", {"status": None, "finished": False}))
 
-    def _container_for(self, build: dict) -> factory.Namespaces:
-        """The container asked for ahead (if built for the same settings) or a new one."""
-        warm, self._warm = self._warm, None
-        if warm is not None and warm[0] != build:
-            self.factory.discard(warm[1])
-            warm = None
-        return self.factory.wait(warm[1] if warm else self.factory.request(build))
-
-    def shut_down_containers(self) -> None:
-        if self._warm is not None:
-            self.factory.discard(self._warm[1])
-            self._warm = None
-
     @property
-    def factory(self) -> factory.InitFactory:
-        if self._factory is None:
-            fd = int(os.environ.pop(FACTORY_FD_ENV))
-            self._factory = factory.InitFactory(socket.socket(fileno=fd))
-        return self._factory
+    def pipeline(self) -> pipeline_module.Pipeline:
+        if self._pipeline is None:
+            link = socket.socket(fileno=int(os.environ.pop(FACTORY_FD_ENV)))
+            self._pipeline = pipeline_module.Pipeline(factory.InitFactory(link))
+        return self._pipeline
 
     @property
     def masks(self) -> list:
@@ -395,8 +355,8 @@ class Host(ContainerReporter):
 
     def prepare(self, request: dict, fds: list[int]) -> tuple:
         """What container.fork_test needs for ``request`` (here or in the zygote):
-        ``(config, payload, event_fd, keep_fds)``; ``fds`` are the events file, the
-        notify pipe and, in mode "fresh", the capture link."""
+        ``(config, payload, event_fd, keep_fds)``; ``fds`` start with the events
+        file, the notify pipe and, in mode "fresh", the capture link."""
         events_fd, notify_w = fds[:2]
         keep = _capture_fds(self.config) | {self.crash_fd, self.start["session_output_fd"], notify_w}
         if request["mode"] == "fresh":

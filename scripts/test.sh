@@ -7,7 +7,8 @@
 # 1. creates (or reuses) the virtual environment .venv at the repository root,
 #    installing python3-venv with apt-get first if python3 cannot make one;
 # 2. installs this package editable with its test and docs extras;
-# 3. runs `pytest tests -p no:cacheprovider -ra [extra args]`;
+# 3. runs `pytest tests -p no:cacheprovider -ra [extra args]` twice: in the default
+#    mode, then with the strict mode as every inner run's default;
 # 4. builds the docs with `mkdocs build --strict` (when mkdocs.yml exists).
 # Exits non-zero if any step fails; pytest collecting no tests (exit 5) is a
 # failure too. Set PYTHON to use another interpreter than `python3` on PATH.
@@ -34,14 +35,29 @@ trap 'rm -f "$log"' EXIT
 color=()
 [ -t 1 ] && color=(--color=yes)   # tee below would otherwise turn colours off
 
-section "pytest tests -p no:cacheprovider -ra $*"
-set +e
-"$VPY" -m pytest tests -p no:cacheprovider -ra ${color[@]+"${color[@]}"} "$@" 2>&1 | tee "$log"
-pytest_rc=${PIPESTATUS[0]}
-set -e
-if [ "$pytest_rc" -eq 5 ]; then
-    echo "test.sh: pytest collected no tests (exit 5): counted as a failure" >&2
-fi
+# The whole suite runs twice: in the default mode, then with "fresh" (strict) as the
+# default mode of every inner run (PYTEST_ISOLATE_SUITE_MODE, see tests/conftest.py).
+# The rootless lane (the suite again as an unprivileged user) runs in the first pass.
+run_pass() {   # NAME ENV-ASSIGNMENT... -- PYTEST-ARGS...
+    local name=$1; shift
+    local envs=()
+    while [ "$1" != "--" ]; do envs+=("$1"); shift; done
+    shift
+    section "pytest tests -p no:cacheprovider -ra $* ($name)"
+    set +e
+    env ${envs[@]+"${envs[@]}"} "$VPY" -m pytest tests -p no:cacheprovider -ra ${color[@]+"${color[@]}"} "$@" 2>&1 |
+        tee -a "$log"
+    local rc=${PIPESTATUS[0]}
+    set -e
+    if [ "$rc" -eq 5 ]; then
+        echo "test.sh: pytest collected no tests (exit 5): counted as a failure" >&2
+    fi
+    return "$rc"
+}
+pytest_rc=0
+run_pass "default mode" -- "$@" || pytest_rc=$?
+strict_rc=0
+run_pass "strict mode" PYTEST_ISOLATE_SUITE_MODE=fresh PYTEST_ISOLATE_NO_ROOTLESS_LANE=1 -- "$@" || strict_rc=$?
 
 docs_rc=0
 docs_state="skipped (no mkdocs.yml)"
@@ -56,16 +72,20 @@ fi
 
 section "summary"
 echo "docs:   $docs_state"
-if [ "$pytest_rc" -eq 0 ]; then
-    echo "pytest: ok"
-else
-    echo "pytest: FAILED (exit $pytest_rc)"
-fi
+for pass_rc in "default mode:$pytest_rc" "strict mode:$strict_rc"; do
+    if [ "${pass_rc##*:}" -eq 0 ]; then
+        echo "pytest, ${pass_rc%%:*}: ok"
+    else
+        echo "pytest, ${pass_rc%%:*}: FAILED (exit ${pass_rc##*:})"
+    fi
+done
 # pytest's own closing line last, so that it is the last thing printed.
-closing=$(sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -E '^=+ .* in [0-9.]+s( \([0-9:]+\))? =+$' | tail -n 1 || true)
-[ -z "$closing" ] || echo "$closing"
+sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -E '^=+ .* in [0-9.]+s( \([0-9:]+\))? =+$' || true
 
 if [ "$pytest_rc" -ne 0 ]; then
     exit "$pytest_rc"
+fi
+if [ "$strict_rc" -ne 0 ]; then
+    exit "$strict_rc"
 fi
 exit "$docs_rc"

@@ -24,12 +24,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.skip(reason="needs pytest to run as root"))
 
 
+# The whole suite runs in both modes: PYTEST_ISOLATE_SUITE_MODE=fresh makes "fresh"
+# the default mode of every inner run (scripts/test.sh does a second pass so). A test
+# that is about one mode says so in its own arguments or marker, which come later
+# and win.
+SUITE_MODE = os.environ.get("PYTEST_ISOLATE_SUITE_MODE", "")
+SUITE_MODE_ARGS = (f"--isolate-mode={SUITE_MODE}",) if SUITE_MODE else ()
+
+
 @pytest.fixture
 def run(pytester: pytest.Pytester):
     """Run pytest in a subprocess in the pytester directory; extra args pass through."""
 
     def run(*args: str, timeout: float = 180) -> pytest.RunResult:
-        return pytester.runpytest_subprocess("-p", "no:cacheprovider", *args, timeout=timeout)
+        mode = SUITE_MODE_ARGS if "no:isolate" not in args else ()  # no plugin, no option
+        return pytester.runpytest_subprocess("-p", "no:cacheprovider", *mode, *args, timeout=timeout)
 
     return run
 

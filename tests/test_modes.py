@@ -76,7 +76,7 @@ def test_fresh_mode_test_process_is_pid_2(pytester, run, marker, args) -> None:
 
 
 def test_fork_mode_forks_each_test_from_a_host_that_imported_once(pytester, run) -> None:
-    _, seen = run_state(pytester, run, "pytest.mark.isolated")
+    _, seen = run_state(pytester, run, "pytest.mark.isolated", "--isolate-mode=fork")
     # Imported once, by the container host, in a pid namespace of its own (neither
     # the outer one nor a test's).
     assert seen["t1"]["import_ns"] == seen["t2"]["import_ns"] != OUTER_PID_NS

@@ -39,6 +39,7 @@ for SIGKILL when its parent dies, so a SIGKILLed pytest takes it all down too.
 
 from __future__ import annotations
 
+import marshal
 import os
 import resource
 import select
@@ -121,6 +122,8 @@ def build_container(config: dict) -> None:
 
 
 _host_pid_ns: list[int] = []
+# What a test process is called (ps, /proc/self/comm): the host's name, not its zygote's.
+test_process_name = ""
 
 
 def _pid_namespace_of_host() -> int:
@@ -129,7 +132,7 @@ def _pid_namespace_of_host() -> int:
     return _host_pid_ns[0]
 
 
-def fork_test(namespaces, config: dict, payload: Callable[[dict], None], job: dict,
+def fork_test(namespaces, config: dict, payload: Callable[[dict], None], go_fd: int,
               event_fd: int, keep_fds: set[int]) -> int:
     """Fork the test process (from a zygote) into a built container; returns its pid.
 
@@ -137,7 +140,8 @@ def fork_test(namespaces, config: dict, payload: Callable[[dict], None], job: di
     {"env", "cwd", "cap_add", "landlock" (writable paths or None), "seccomp_programs",
     "rlimits"}. ``event_fd`` is the write end of the stream the test reports on;
     ``keep_fds`` are the other fds the payload needs (pytest's capture files, the
-    crash log). The child runs ``payload(job)``.
+    crash log). The child gets ready, then reads its job from ``go_fd`` (until
+    end-of-file; nothing at all means "never mind") and runs ``payload(job)``.
     """
     # setns() to a pid namespace decides where the caller's next child is born; the
     # caller itself stays, and returns to its own for the children after this one.
@@ -145,7 +149,7 @@ def fork_test(namespaces, config: dict, payload: Callable[[dict], None], job: di
     try:
         test = os.fork()
         if test == 0:
-            _exit_on_error(event_fd, _test, namespaces.fds, config, payload, job, event_fd, keep_fds)
+            _exit_on_error(event_fd, _test, namespaces.fds, config, payload, go_fd, event_fd, keep_fds)
     finally:
         syscalls.setns(_pid_namespace_of_host(), syscalls.CLONE_NEWPID)
     return test
@@ -165,9 +169,11 @@ def _exit_on_error(event_fd: int, step: Callable, *args) -> None:
     os._exit(0)
 
 
-def _test(namespace_fds: dict, config: dict, payload, job: dict, event_fd: int, keep_fds: set[int]) -> None:
+def _test(namespace_fds: dict, config: dict, payload, go_fd: int, event_fd: int, keep_fds: set[int]) -> None:
     # The zygote is outside the container's pid namespace: getppid() is 0 while it lives.
     process.die_with_parent(0)
+    if test_process_name:
+        process.set_name(test_process_name)
     # setns() needs a single-threaded caller: a forked child is one. Joining the mount
     # namespace also moves the root and cwd to the container's root.
     for name, kind in (("mnt", syscalls.CLONE_NEWNS), ("net", syscalls.CLONE_NEWNET),
@@ -181,7 +187,7 @@ def _test(namespace_fds: dict, config: dict, payload, job: dict, event_fd: int, 
     except OSError:
         os.chdir("/")
     os.environ.update(config.get("env") or {})
-    process.close_fds_except({0, 1, 2, event_fd} | keep_fds)
+    process.close_fds_except({0, 1, 2, event_fd, go_fd} | keep_fds)
     for name, soft, hard in config.get("rlimits", ()):
         try:
             resource.setrlimit(getattr(resource, f"RLIMIT_{name.upper()}"), (soft, hard))
@@ -200,7 +206,19 @@ def _test(namespace_fds: dict, config: dict, payload, job: dict, event_fd: int, 
         landlock.restrict_writes(config["landlock"])
     for program in config.get("seccomp_programs", ()):
         seccomp.load(program)
+    # Ready: everything above may happen before the test's turn (see pipeline.py).
+    job = _read_job(go_fd)
+    if job is None:
+        os._exit(0)
     payload(job)
+
+
+def _read_job(go_fd: int) -> dict | None:
+    chunks = []
+    while chunk := os.read(go_fd, 1 << 20):
+        chunks.append(chunk)
+    os.close(go_fd)
+    return marshal.loads(b"".join(chunks)) if chunks else None
 
 
 def own_usage() -> dict:

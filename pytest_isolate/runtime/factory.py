@@ -108,6 +108,7 @@ class InitFactory:
 def serve(link: socket.socket, build) -> None:
     """The factory's loop. ``build(config)`` runs in each init, as its pid 1, and
     returns once the container stands (see container.build_container)."""
+    process.set_name("isolate-factory")
     host_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     signal.signal(signal.SIGCHLD, _reap_children)
     while True:
@@ -137,6 +138,7 @@ def _init(link: socket.socket, request_id: int, config: dict, build) -> None:
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         process.die_with_parent(0)  # the factory is outside this pid namespace
+        process.set_name("isolate-init")
         build(config)
         fds = [os.open(f"/proc/self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC) for name in NAMESPACE_FILES]
         fds.append(os.pidfd_open(os.getpid()))

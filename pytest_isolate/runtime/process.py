@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 
 from . import syscalls
+
+PR_SET_NAME = 15
 
 
 def die_with_parent(expected_parent: int) -> None:
@@ -16,6 +19,23 @@ def die_with_parent(expected_parent: int) -> None:
     syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != expected_parent:
         os._exit(137)
+
+
+def set_name(name: str) -> None:
+    """Name the calling process in ps, top and perf (at most 15 bytes are kept)."""
+    try:
+        buffer = ctypes.create_string_buffer(name.encode()[:15])
+        syscalls.prctl(PR_SET_NAME, ctypes.addressof(buffer))
+    except OSError:
+        pass
+
+
+def name() -> str:
+    try:
+        with open("/proc/self/comm") as f:
+            return f.read().rstrip("\n")
+    except OSError:
+        return ""
 
 
 def outer_pid() -> int | None:

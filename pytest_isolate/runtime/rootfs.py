@@ -343,9 +343,9 @@ def mask_system_paths(root: str, masks: list | None = None) -> None:
                 syscalls.mount(empty_dir, target, None, MS_BIND)
             elif how == "file":
                 syscalls.mount(_join(root, "/dev/null"), target, None, MS_BIND)
-            else:
-                syscalls.mount(target, target, None, MS_BIND | MS_REC)
-                remount_readonly(target)
+            else:  # a fresh /proc has nothing mounted below these: no MS_REC, no scan
+                syscalls.mount(target, target, None, MS_BIND)
+                syscalls.mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | _locked_flags(target))
         except FileNotFoundError:  # e.g. no /sys in this image
             continue
 

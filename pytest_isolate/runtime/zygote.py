@@ -12,7 +12,7 @@ Two reasons not to fork tests from the host itself:
   for an RCU grace period).
 
 A zygote holds the same collected items as the host; requests name the test and
-bring the fds it needs, the container's namespaces last. Test processes are its
+bring the fds it needs: the job pipe, then the container's namespaces, last. Test processes are its
 children: it reaps them, and reports an exit status only when the host asks (a test
 that crashed); tests that finished are reaped in passing.
 """
@@ -40,6 +40,8 @@ class Zygote:
             host_end.close()
             try:
                 process.die_with_parent(host)
+                container.test_process_name = process.name()  # the tests keep the host's
+                process.set_name("isolate-zygote")
                 zygote_end.send(marshal.dumps(process.outer_pid()))
                 _serve(zygote_end, prepare)
             finally:
@@ -51,8 +53,9 @@ class Zygote:
         self.finished: list[int] = []  # tests that are over; the zygote reaps them
 
     def start(self, request: dict, fds: list[int]) -> int:
-        """Fork a test; ``fds`` end with the container's namespaces
-        (factory.NAMESPACE_FILES). Returns the test's pid."""
+        """Fork a test that waits for its job; ``fds`` end with the job pipe's read
+        end and the container's namespaces (factory.NAMESPACE_FILES). Returns the
+        test's pid."""
         request = dict(request, finished=self.finished)
         socket.send_fds(self.link, [marshal.dumps(("start", request))], fds)
         self.finished = []
@@ -83,7 +86,8 @@ def _serve(link: socket.socket, prepare) -> None:
         try:
             config, payload, event_fd, keep = prepare(request, fds)
             namespaces = factory.Namespaces(fds[-len(factory.NAMESPACE_FILES):])
-            test = container.fork_test(namespaces, config, payload, request["job"], event_fd, keep)
+            go_fd = fds[-len(factory.NAMESPACE_FILES) - 1]
+            test = container.fork_test(namespaces, config, payload, go_fd, event_fd, keep)
         except Exception as exc:
             link.send(marshal.dumps(("error", f"{type(exc).__name__}: {exc}")))
             continue

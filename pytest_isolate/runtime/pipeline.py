@@ -1,0 +1,134 @@
+"""Containers made ahead: the host's side of the factory and the zygotes.
+
+A test's container takes two forks to make: init, from the small factory, builds
+the namespaces and root filesystem (factory.py); the test process, from a zygote,
+joins them and drops its privileges (container.fork_test). Both are done ahead:
+while test N runs, the test process of test N+1 already waits for its job in a
+container of its own, and the factory builds the container of test N+2. A test then
+only costs its own run, as long as the next test asks for the same settings (the
+usual case); a test that asks for others gets new ones, and the ones made ahead
+are thrown away.
+
+Nothing is shared between tests made this way: each test process is forked from
+the zygote (which never runs a test) into namespaces and a copy-on-write layer of
+its own, and learns which test it runs only when it is its turn (``Prepared.go``).
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import socket
+
+from . import events, factory
+
+# What a container's init needs to build it (the rest is for the test process).
+BUILD_KEYS = ("entries", "mounts", "hostname", "system_paths", "masks")
+
+
+class Prepared:
+    """A test process waiting for its job in a built container, and the host's ends
+    of its links: its events file, notify pipe, job pipe and (mode "fresh") the
+    capture link."""
+
+    def __init__(self, request: dict, namespaces: factory.Namespaces, zygote) -> None:
+        self.request = request
+        self.namespaces = namespaces
+        self.zygote = zygote
+        self.events_fd, self.notify_r, notify_w = events.new_stream()
+        go_r, self._go_w = os.pipe2(os.O_CLOEXEC)
+        fds, self.capture_link, container_end = [self.events_fd, notify_w], None, None
+        if request["mode"] == "fresh":
+            # The fresh interpreter hands its capture files over this link before
+            # the test runs, so that output printed before a crash survives it.
+            self.capture_link, container_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+            fds.append(container_end.fileno())
+        try:
+            self.test = zygote.start(request, fds + [go_r] + list(namespaces.fds.values()))
+        except BaseException:
+            self._close_links()
+            os.close(self._go_w)
+            namespaces.end()
+            raise
+        finally:
+            os.close(notify_w)
+            os.close(go_r)
+            if container_end is not None:
+                container_end.close()
+            namespaces.close()  # the pidfd of its init stays, to end it
+        try:
+            # The zygote reaps the test only when told: until then its pid is ours.
+            self.test_pidfd = os.pidfd_open(self.test)
+        except OSError:  # pragma: no cover - Linux < 5.3
+            self.test_pidfd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)  # always "ended"
+
+    def go(self, job: dict) -> None:
+        """Start the test (``job``: nodeid, deadline, ...)."""
+        try:
+            os.write(self._go_w, marshal.dumps(job))
+        except BrokenPipeError:
+            pass  # it died while it waited: its events and exit say why
+        finally:
+            os.close(self._go_w)
+            self._go_w = -1
+
+    def cancel(self) -> None:
+        """Never run it: the test process reads end-of-file and exits, init is killed."""
+        if self._go_w >= 0:
+            os.close(self._go_w)
+            self._go_w = -1
+        self.namespaces.end()
+        self._close_links()
+        os.close(self.test_pidfd)
+        self.zygote.finished.append(self.test)
+
+    def _close_links(self) -> None:
+        os.close(self.events_fd)
+        os.close(self.notify_r)
+        if self.capture_link is not None:
+            self.capture_link.close()
+            self.capture_link = None
+
+
+class Pipeline:
+    def __init__(self, init_factory: factory.InitFactory) -> None:
+        self.factory = init_factory
+        self._warm: tuple[dict, int] | None = None  # (build settings, factory request)
+        self._prepared: Prepared | None = None
+
+    def take(self, request: dict, zygote) -> Prepared:
+        """A waiting test process for ``request``: the one prepared ahead if it was
+        prepared for the same request, else a new one (errors: OSError, InitError)."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared.request == request and prepared.zygote is zygote:
+            return prepared
+        if prepared is not None:
+            prepared.cancel()
+        return Prepared(request, self._container(request), zygote)
+
+    def prepare_next(self, request: dict, zygote) -> None:
+        """Make the next test's process now, betting on the same settings."""
+        try:
+            self._prepared = Prepared(request, self._container(request), zygote)
+        except (OSError, factory.InitError):
+            self._prepared = None  # the next test makes its own and reports why it cannot
+
+    def _container(self, request: dict) -> factory.Namespaces:
+        """The container asked for ahead (if built for the same settings) or a new
+        one; asks for the next one either way."""
+        build = {key: request["config"][key] for key in BUILD_KEYS if key in request["config"]}
+        warm, self._warm = self._warm, None
+        if warm is not None and warm[0] != build:
+            self.factory.discard(warm[1])
+            warm = None
+        request_id = warm[1] if warm else self.factory.request(build)
+        self._warm = (build, self.factory.request(build))
+        return self.factory.wait(request_id)
+
+    def shutdown(self) -> None:
+        if self._prepared is not None:
+            self._prepared.cancel()
+            self._prepared = None
+        if self._warm is not None:
+            self.factory.discard(self._warm[1])
+            self._warm = None
