@@ -1,47 +1,30 @@
 """What each performance lever of the container runtime buys, measured one by one, A/B.
 
-    python benchmarks/levers.py               # measure, print, rewrite the section in docs/performance.md
-    python benchmarks/levers.py --print       # measure and print only
-    python benchmarks/levers.py --scale 0.3   # fewer iterations (a smoke test); --only 1,4 picks levers
+    python benchmarks/levers.py              # measure, print, rewrite the section in docs/performance.md
+    python benchmarks/levers.py --print      # measure and print only
+    python benchmarks/levers.py --scale 0.2  # fewer iterations (smoke test); --only 1,4 picks levers
 
-Each lever is one function below; its docstring says what A (without the lever) and B
-(with it) are. A and B are interleaved (A, B, A, B, ...) so that a noisy moment of the
-machine hits both; figures are the median and p10-p90 per operation. Every lever runs in
-a forked child, and every operation in children of that one, so that nothing (namespaces,
-mounts, memory, seccomp filters) leaks; a lever that cannot run here is reported as
-"not run: <why>". Run it as root for the cgroup v1 lever.
+Each lever is one function below; its docstring says what A (without the lever) and B (with
+it) are. A and B are interleaved (A, B, A, B, ...) so that a noisy moment of the machine hits
+both; figures are the median and p10-p90 per operation. Every lever runs in a forked child
+and every operation in children of that one, so nothing (namespaces, mounts, memory, seccomp
+filters) leaks; a lever that cannot run here is reported as "not run: <why>". Run it as root
+for the cgroup v1 lever.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import gc
-import json
-import os
-import platform
-import re
-import resource
-import select
-import shutil
-import signal
-import statistics
-import struct
-import subprocess
-import sys
-import time
-import traceback
+import argparse, datetime, gc, json, os, platform, re, resource, select, shutil  # noqa: E401
+import signal, socket, statistics, struct, subprocess, sys, time, traceback  # noqa: E401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-
 from pytest_isolate.runtime import (capabilities, network, seccomp, seccomp_default,  # noqa: E402
                                     syscalls, user_ns)
 
 BEGIN, END = "<!-- levers:begin -->", "<!-- levers:end -->"
 SCALE = 1.0
 now = time.perf_counter  # CLOCK_MONOTONIC: comparable between processes
-
 
 class NotRun(Exception):
     """A lever that cannot run on this machine; the message says why."""
@@ -52,120 +35,105 @@ class NotRun(Exception):
 def iterations(base: int) -> int:
     return max(3, round(base * SCALE))
 
-
 def in_child(fn):
     """fn() run in a forked child; its JSON-able result comes back through a memfd."""
-    out = os.memfd_create("levers")
-    sys.stdout.flush()
+    out, _ = os.memfd_create("levers"), sys.stdout.flush()
     pid = os.fork()
     if pid == 0:
         signal.alarm(900)
         try:
             result = {"ok": fn()}
-        except NotRun as exc:
-            result = {"not_run": str(exc)}
-        except BaseException as exc:  # noqa: BLE001 - reported, not raised, across the fork
-            result = {"error": f"{type(exc).__name__}: {exc}"}
+        except BaseException as exc:  # noqa: BLE001 - reported across the fork
+            result = {"not_run": str(exc) if isinstance(exc, NotRun) else f"{type(exc).__name__}: {exc}"}
         os.write(out, json.dumps(result).encode())
         os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    data = os.pread(out, os.fstat(out).st_size, 0)
+    status = os.waitpid(pid, 0)[1]
+    result = json.loads(os.pread(out, os.fstat(out).st_size, 0) or b"{}")
     os.close(out)
-    result = json.loads(data) if data else {"error": f"child died (wait status {status})"}
     if "ok" not in result:
-        raise NotRun(result.get("not_run") or result["error"])
+        raise NotRun(result.get("not_run", f"the child died (wait status {status})"))
     return result["ok"]
 
-
-def fork_wait(child=None) -> float:
+def fork_wait(child=lambda: None) -> float:
     """Seconds from fork until the child, which runs child() and exits, is reaped."""
     start = now()
     pid = os.fork()
     if pid == 0:
-        code = 0
         try:
-            if child:
-                child()
+            child()
         except BaseException:  # noqa: BLE001
             traceback.print_exc()
-            code = 1
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
+            os._exit(1)
+        os._exit(0)
+    status = os.waitpid(pid, 0)[1]
     elapsed = now() - start
     if status:
         raise RuntimeError(f"a measured child failed (wait status {status})")
     return elapsed
 
-
 def children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
-
 def interleave(n: int, a, b, warmup: int = 1) -> tuple[list, list]:
-    """a() and b() called alternately, n times each after `warmup` discarded rounds."""
-    xs, ys = [], []
-    for i in range(warmup + n):
-        x, y = a(), b()
-        if i >= warmup:
-            xs.append(x)
-            ys.append(y)
-    return xs, ys
-
+    """a() and b() called alternately, n times each, after `warmup` discarded rounds."""
+    pairs = [(a(), b()) for _ in range(warmup + n)][warmup:]
+    return [x for x, _ in pairs], [y for _, y in pairs]
 
 def row(metric: str, a: list, b: list, unit: str = "time", note: str = "") -> dict:
     return {"metric": metric, "a": a, "b": b, "unit": unit, "note": note}
 
+def rows(a: list, b: list, *specs: tuple) -> list[dict]:
+    """One row per field of tuple samples; each spec is (metric, unit, note)."""
+    return [row(metric, [x[i] for x in a], [x[i] for x in b], unit, note)
+            for i, (metric, unit, note) in enumerate(specs)]
 
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
-
 def ballast(total_mb: float) -> list:
-    """Small GC-tracked Python objects (tuples holding dicts holding lists) until the
-    process's RSS reaches total_mb: what a test module's imports and data look like."""
+    """Small GC-tracked objects (tuples holding dicts holding lists) until the RSS is
+    total_mb: what a test module's imports and data look like to fork and to the GC."""
     heap: list = []
+    gc.disable()
     while rss_mb() < total_mb:
         heap.extend((i, {"n": [i]}) for i in range(20_000))
     return heap
 
-
-def private_mount_ns() -> None:
-    syscalls.unshare(syscalls.CLONE_NEWNS)
-    syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
-
-
 class Forker:
-    """A process that ran setup() and then, on each request, forks a child that exits
-    at once: returns (wall, its own CPU, the child's CPU) of that fork + exit + wait."""
+    """A process that runs setup() and then, on each request, times a fork + _exit +
+    waitpid: returns [wall, its own CPU, the child's CPU]."""
+    ends: list = []  # of every Forker: a later one must not hold them open
 
     def __init__(self, setup):
-        cmd_r, self.cmd = os.pipe()
-        self.res, res_w = os.pipe()
+        self.sock, theirs = socket.socketpair()
         self.pid = os.fork()
         if self.pid == 0:
             try:
+                for sock in Forker.ends + [self.sock]:
+                    sock.close()
                 keep = setup()  # noqa: F841 - held while forking
-                os.write(res_w, json.dumps(rss_mb()).encode())
-                while os.read(cmd_r, 1) == b"f":
+                theirs.send(json.dumps(rss_mb()).encode())
+                while theirs.recv(1) == b"f":
                     cpu, kids = time.process_time(), children_cpu()
                     wall = fork_wait()
-                    os.write(res_w, json.dumps([wall, time.process_time() - cpu, children_cpu() - kids]).encode())
+                    theirs.send(json.dumps([wall, time.process_time() - cpu, children_cpu() - kids]).encode())
             finally:
                 os._exit(0)
-        os.close(cmd_r)
-        os.close(res_w)
-        self.rss = json.loads(os.read(self.res, 4096) or b"null")
+        theirs.close()
+        Forker.ends.append(self.sock)
+        self.rss = json.loads(self.sock.recv(4096) or b"null")
         if self.rss is None:
             raise RuntimeError("a forking helper failed to start")
 
     def fork(self) -> list:
-        os.write(self.cmd, b"f")
-        return json.loads(os.read(self.res, 4096))
+        self.sock.send(b"f")
+        return json.loads(self.sock.recv(4096))
 
     def close(self) -> None:
-        os.close(self.cmd)
+        Forker.ends.remove(self.sock)
+        self.sock.close()
         os.waitpid(self.pid, 0)
 
 
@@ -175,16 +143,13 @@ def lever_pid_ns():
     """pid namespace made before the fork
     A: fork a child that unshares CLONE_NEWPID and forks again, so that the grandchild is pid 1.
     B: the parent unshares CLONE_NEWPID, forks (the child is pid 1) and setns()es back to its own pid namespace.
-    Both run in a user namespace, in a process that is pid 1 of a pid namespace that user namespace owns (setns back needs it); timed until pid 1 has run and been reaped.
+    Both in a user namespace, in a process that is pid 1 of a pid namespace that user namespace owns (setns back needs it); timed until pid 1 has run and been reaped.
     """
     user_ns.enter()
     syscalls.unshare(syscalls.CLONE_NEWPID)
 
-    def bench():
+    def bench():  # runs as pid 1 of the new pid namespace
         own = os.open("/proc/self/ns/pid", os.O_RDONLY)
-
-        def a():
-            return fork_wait(lambda: (syscalls.unshare(syscalls.CLONE_NEWPID), fork_wait()))
 
         def b():
             start = now()
@@ -196,17 +161,16 @@ def lever_pid_ns():
             os.waitpid(pid, 0)
             return now() - start
 
-        n = iterations(300)
+        n = iterations(500)
+        a = lambda: fork_wait(lambda: (syscalls.unshare(syscalls.CLONE_NEWPID), fork_wait()))  # noqa: E731
         return [row("until pid 1 is reaped", *interleave(n, a, b), note=f"{n} runs each")]
-    return in_child(bench)  # the child is pid 1 of the new pid namespace
-
+    return in_child(bench)
 
 def lever_gc_freeze():
     """gc.freeze() before forking
     A: a process holding ~100 MB of small Python objects forks children that each run gc.collect() (what their first automatic collection would do) and exit.
-    B: the same after gc.freeze() in the parent: the collection skips the frozen objects, so their pages stay shared.
+    B: the same after gc.freeze() in the parent: the collection skips the frozen objects, whose pages stay shared.
     """
-    gc.disable()
     heap = ballast(rss_mb() + 100)
     gc.collect()
 
@@ -216,12 +180,10 @@ def lever_gc_freeze():
         wall = fork_wait(gc.collect)
         return wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt - faults
 
-    n = iterations(25)
+    n = iterations(40)
     a, b = interleave(n, lambda: run(False), lambda: run(True))
     note = f"{len(heap):,} tuples, RSS {rss_mb():.0f} MB; {n} runs each"
-    return [row("child, fork to reaped", [x[0] for x in a], [x[0] for x in b], note=note),
-            row("child's minor faults", [x[1] for x in a], [x[1] for x in b], unit="count")]
-
+    return rows(a, b, ("child, fork to reaped", "time", note), ("child's minor faults", "count", ""))
 
 def lever_fork_memory():
     """fork from a small process
@@ -230,16 +192,14 @@ def lever_fork_memory():
     """
     big, small = Forker(lambda: ballast(150)), Forker(lambda: ballast(30))
     try:
-        n = iterations(60)
+        n = iterations(150)
         a, b = interleave(n, big.fork, small.fork)
     finally:
         big.close()
         small.close()
     note = f"RSS {big.rss:.0f} vs {small.rss:.0f} MB; {n} runs each"
-    return [row("fork + exit + wait, wall", [x[0] for x in a], [x[0] for x in b], note=note),
-            row("forking process's CPU", [x[1] for x in a], [x[1] for x in b]),
-            row("child's CPU (its exit)", [x[2] for x in a], [x[2] for x in b])]
-
+    return rows(a, b, ("fork + exit + wait, wall", "time", note),
+                ("forking process's CPU", "time", ""), ("child's CPU (mostly its exit)", "time", ""))
 
 def lever_seccomp():
     """seccomp profile compiled once
@@ -260,37 +220,30 @@ def lever_seccomp():
         seccomp.load(program)
         seccomp.load(terminal)
 
-    n, base, xa, xb = iterations(100), [], [], []
-    for i in range(n + 1):
-        base.append(fork_wait())
-        xa.append(fork_wait(a))
-        xb.append(fork_wait(b))
-    floor = statistics.median(base[1:])
-    note = (f"plain fork: {fmt([floor])}; {len(program) // 8} + {len(terminal) // 8} "
-            f"BPF instructions; {n} runs each")
-    return [row("per child, minus a plain fork", [x - floor for x in xa[1:]],
-                [x - floor for x in xb[1:]], note=note)]
-
+    n = iterations(200)
+    samples = [(fork_wait(), fork_wait(a), fork_wait(b)) for _ in range(n + 1)][1:]
+    floor = statistics.median(s[0] for s in samples)
+    note = f"plain fork: {fmt([floor])}; {len(program) // 8} + {len(terminal) // 8} BPF instructions; {n} runs each"
+    return [row("per child, minus a plain fork", [s[1] - floor for s in samples],
+                [s[2] - floor for s in samples], note=note)]
 
 def lever_cgroup_v1():
     """no per-test cgroup migration (cgroup v1)
-    A: a forked child writes its own pid to cgroup.procs of a v1 cgroup, then exits (a migration per test).
+    A: a forked child writes its own pid to cgroup.procs of a v1 cgroup, then exits: a migration per test.
     B: a process already in that cgroup forks a child that just exits (no write).
-    "Back to back": in blocks of 10 A then 10 B; "after a quiet 50 ms": a 50 ms sleep before each one, so each migration pays a full RCU grace period.
+    "Back to back": blocks of 10 A then 10 B; "after a quiet 50 ms": a 50 ms sleep before each, so that a migration cannot reuse the RCU grace period of the previous one.
     """
     if os.geteuid() != 0:
         raise NotRun("needs root (the v1 hierarchies are root's)")
     with open("/proc/self/mounts") as f:
-        roots = {opt: m.split()[1] for m in f if m.split()[2] == "cgroup"
-                 for opt in m.split()[3].split(",")}
+        roots = {opt: m.split()[1] for m in f if m.split()[2] == "cgroup" for opt in m.split()[3].split(",")}
     hierarchy = roots.get("pids") or roots.get("memory")
     if not hierarchy:
         raise NotRun("no cgroup v1 pids or memory hierarchy mounted")
     path = os.path.join(hierarchy, f"pytest-isolate-levers-{os.getpid()}")
-    procs = os.path.join(path, "cgroup.procs")
 
     def join():
-        with open(procs, "w") as f:
+        with open(os.path.join(path, "cgroup.procs"), "w") as f:
             f.write(str(os.getpid()))
 
     os.mkdir(path)
@@ -298,12 +251,9 @@ def lever_cgroup_v1():
     try:
         inside = Forker(join)
         a, b = lambda: fork_wait(join), lambda: inside.fork()[0]
-        n = iterations(10)
-        burst_a, burst_b = [], []
-        for _ in range(n + 1):
-            burst_a.append([a() for _ in range(10)])
-            burst_b.append([b() for _ in range(10)])
-        quiet = iterations(40)
+        blocks = iterations(20)
+        burst = [([a() for _ in range(10)], [b() for _ in range(10)]) for _ in range(blocks + 1)][1:]
+        quiet = iterations(60)
         quiet_a, quiet_b = interleave(quiet, lambda: (time.sleep(0.05), a())[1],
                                       lambda: (time.sleep(0.05), b())[1])
     finally:
@@ -315,35 +265,27 @@ def lever_cgroup_v1():
                 break
             except OSError:
                 time.sleep(0.02)
-    flat = lambda blocks: [x for block in blocks[1:] for x in block]  # noqa: E731
-    name = os.path.basename(hierarchy)
-    return [row("fork + exit + wait, back to back", flat(burst_a), flat(burst_b),
-                note=f"{name} hierarchy; {10 * n} runs each"),
+    leftover = f"; could not remove {path}" if os.path.exists(path) else ""
+    return [row("fork + exit + wait, back to back", [x for xs, _ in burst for x in xs],
+                [y for _, ys in burst for y in ys],
+                note=f"{os.path.basename(hierarchy)} hierarchy; {10 * blocks} runs each{leftover}"),
             row("the same, after a quiet 50 ms", quiet_a, quiet_b, note=f"{quiet} runs each")]
-
-
-def lo_is_up() -> bool:
-    import fcntl
-    import socket
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        answer = fcntl.ioctl(sock, network.SIOCGIFFLAGS, struct.pack("16sH14x", b"lo", 0))
-    return bool(struct.unpack("16sH14x", answer)[1] & network.IFF_UP)
-
 
 def lever_loopback():
     """lo brought up with an ioctl instead of pyroute2
-    A: pyroute2's IPRoute().link("set", index=1, state="up"), then close (pyroute2 imported beforehand).
+    A: pyroute2's IPRoute().link("set", index=1, state="up"), then close (pyroute2 imported and warmed up beforehand).
     B: pytest_isolate.runtime.network.bring_up_loopback(): SIOCGIFFLAGS + SIOCSIFFLAGS on a throwaway socket.
     Each in a fresh network namespace (a forked child of the user namespace unshares CLONE_NEWNET); only the call is timed.
     """
-    probe = [sys.executable, "-c", "import time; t = time.perf_counter(); import pyroute2; "
-             "print(time.perf_counter() - t)"]
+    probe = [sys.executable, "-c", "import time; t = time.perf_counter(); import pyroute2; print(time.perf_counter() - t)"]
     runs = [subprocess.run(probe, capture_output=True, text=True) for _ in range(5)]
     if any(r.returncode for r in runs):
         raise NotRun("pyroute2 cannot be imported: " + (runs[0].stderr.strip().splitlines() or ["?"])[-1])
     import_s = statistics.median(float(r.stdout) for r in runs)
+    import fcntl, pyroute2  # noqa: E401 - before entering the user namespace, which may not read the stdlib
+    with pyroute2.IPRoute():  # warmed up: whatever it caches, the children inherit
+        pass
     user_ns.enter()
-    import pyroute2
 
     def pyroute():
         with pyroute2.IPRoute() as ipr:
@@ -355,57 +297,50 @@ def lever_loopback():
             start = now()
             call()
             elapsed = now() - start
-            if not lo_is_up():
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                flags = fcntl.ioctl(sock, network.SIOCGIFFLAGS, struct.pack("16sH14x", b"lo", 0))
+            if not struct.unpack("16sH14x", flags)[1] & network.IFF_UP:
                 raise RuntimeError("lo is still down")
             return elapsed
         return lambda: in_child(child)
 
-    n = iterations(100)
+    n = iterations(200)
     a, b = interleave(n, in_netns(pyroute), in_netns(network.bring_up_loopback))
-    note = f"`import pyroute2`, fresh interpreter: {fmt([import_s])} (median of 5); {n} runs each"
-    return [row("bring lo up", a, b, note=note)]
-
+    return [row("bring lo up", a, b, note=f"`import pyroute2` in a fresh interpreter: {fmt([import_s])} "
+                f"(median of 5); {n} runs each")]
 
 def lever_overlay():
     """overlay mounted with mount(2) instead of mount(8)
     A: subprocess `mount -t overlay overlay -o lowerdir=...,upperdir=...,workdir=...,userxattr TARGET`, then subprocess `umount TARGET`.
     B: pytest_isolate.runtime.syscalls.mount() with the same options, then syscalls.umount2().
-    In a user and mount namespace, on a tmpfs scratch dir; fresh upper and work dirs each time (made untimed).
+    In a user and mount namespace, on a tmpfs scratch dir; fresh upper and work dirs each time, made untimed.
     """
     if not (shutil.which("mount") and shutil.which("umount")):
         raise NotRun("mount(8) not installed")
     user_ns.enter()
-    private_mount_ns()
+    syscalls.unshare(syscalls.CLONE_NEWNS)
+    syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
     syscalls.mount("tmpfs", "/tmp", "tmpfs", 0, "mode=0755")
-    for d in ("lower", "target"):
-        os.mkdir(f"/tmp/{d}")
-    with open("/tmp/lower/file", "w") as f:
-        f.write("x")
+    os.makedirs("/tmp/lower/dir")
+    os.mkdir("/tmp/target")
     count = iter(range(10**6))
 
-    def options():
+    def timed(mount, umount):
         i = next(count)
         os.mkdir(f"/tmp/upper{i}")
         os.mkdir(f"/tmp/work{i}")
-        return f"lowerdir=/tmp/lower,upperdir=/tmp/upper{i},workdir=/tmp/work{i},userxattr"
-
-    def a():
-        opts = options()
+        opts = f"lowerdir=/tmp/lower,upperdir=/tmp/upper{i},workdir=/tmp/work{i},userxattr"
         start = now()
-        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, "/tmp/target"], check=True)
-        subprocess.run(["umount", "/tmp/target"], check=True)
+        mount(opts)
+        umount()
         return now() - start
 
-    def b():
-        opts = options()
-        start = now()
-        syscalls.mount("overlay", "/tmp/target", "overlay", 0, opts)
-        syscalls.umount2("/tmp/target")
-        return now() - start
-
-    n = iterations(60)
+    a = lambda: timed(lambda o: subprocess.run(["mount", "-t", "overlay", "overlay", "-o", o, "/tmp/target"], check=True),  # noqa: E731
+                      lambda: subprocess.run(["umount", "/tmp/target"], check=True))
+    b = lambda: timed(lambda o: syscalls.mount("overlay", "/tmp/target", "overlay", 0, o),  # noqa: E731
+                      lambda: syscalls.umount2("/tmp/target"))
+    n = iterations(150)
     return [row("mount + umount", *interleave(n, a, b), note=f"{n} runs each")]
-
 
 def lever_teardown():
     """namespace teardown off the critical path
@@ -415,96 +350,80 @@ def lever_teardown():
     user_ns.enter()
     flags = syscalls.CLONE_NEWNS | syscalls.CLONE_NEWNET | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC
 
-    def run(background: bool):
+    def run(background: bool, sample_cpu: bool = False):
         r, w = os.pipe()
-        cpu = children_cpu()
-        start = now()
+        cpu, start = children_cpu(), now()
         pid = os.fork()
         if pid == 0:
             syscalls.unshare(flags)
             syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
             syscalls.mount("tmpfs", "/tmp", "tmpfs")
-            os.write(w, struct.pack("dd", now(), time.process_time()))  # done; teardown is next
+            used = time.process_time() if sample_cpu else 0.0
+            os.write(w, struct.pack("dd", now(), used))  # done; the teardown is next
             os._exit(0)
         os.close(w)
+        if not background:
+            os.waitpid(pid, 0)
+        done_at, used = struct.unpack("dd", os.read(r, 16))
+        critical = now() - start
         if background:
-            done_at, done_cpu = struct.unpack("dd", os.read(r, 16))
-            critical = now() - start
             os.waitpid(pid, 0)
-        else:
-            os.waitpid(pid, 0)
-            critical = now() - start
-            done_at, done_cpu = struct.unpack("dd", os.read(r, 16))
-        reaped = now()
         os.close(r)
-        return critical, reaped - done_at, children_cpu() - cpu - done_cpu
+        return critical, done_at - start, now() - done_at, children_cpu() - cpu - used
 
-    n = iterations(100)
+    n = iterations(300)
     a, b = interleave(n, lambda: run(False), lambda: run(True))
-    return [row("until the parent goes on", [x[0] for x in a], [x[0] for x in b], note=f"{n} runs each"),
-            row("teardown: done to reaped, wall", [x[1] for x in a], [x[1] for x in b],
-                note="still paid, off the critical path in B"),
-            row("teardown: the child's CPU after done", [x[2] for x in a], [x[2] for x in b],
-                note="kernel workers (net namespace cleanup, RCU callbacks) are not counted")]
-
+    # Reading its own CPU time just before "done" made the woken parent wait for the
+    # exiting child here (~0.3 ms), so the CPU is sampled in separate, untimed runs.
+    cpu_a, cpu_b = interleave(iterations(100), lambda: run(False, True)[3], lambda: run(True, True)[3])
+    return rows(a, b, ("until the parent goes on", "time", f"{n} runs each"),
+                ("the child's work: fork to done", "time", ""),
+                ("teardown: done to reaped, wall", "time", "still paid, in the background in B")) + [
+        row("teardown: the child's CPU after done", cpu_a, cpu_b, note="sampled in separate runs; kernel "
+            "workers (net namespace cleanup, RCU callbacks) are not counted")]
 
 def lever_events():
     """events through a memfd instead of a pipe
     A: the forked test writes 5 small frames to a pipe; the parent select()s and reads each as it arrives (a wakeup per frame).
     B: the test writes the frames to a memfd and one byte to a notify pipe at the end; the parent wakes once and reads the memfd.
-    The test spins 50 µs between frames (its phases); timed from fork to reaped; context switches are the parent's, voluntary + involuntary.
+    The test spins 50 µs before each frame (its phases); timed from fork to reaped; the parent's CPU and context switches (voluntary + involuntary).
     """
     frames = [json.dumps({"event": e, "nodeid": "test_mod.py::test_0"}).encode()
               for e in ("start", "setup", "call", "teardown", "report")]
-
-    def child(sink, notify=None):
-        for frame in frames:
-            deadline = now() + 50e-6
-            while now() < deadline:
-                pass
-            os.write(sink, struct.pack("I", len(frame)) + frame)
-        if notify is not None:
-            os.write(notify, b"!")
-
-    def parse(data: bytes) -> int:
-        count = 0
-        while len(data) >= 4 and len(data) >= 4 + struct.unpack_from("I", data)[0]:
-            data, count = data[4 + struct.unpack_from("I", data)[0]:], count + 1
-        return count
+    total = sum(4 + len(frame) for frame in frames)
 
     def run(memfd: bool):
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        start = now()
+        usage, cpu, start = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), now()
         r, w = os.pipe()
         sink = os.memfd_create("events") if memfd else w
         pid = os.fork()
         if pid == 0:
-            child(sink, w if memfd else None)
+            for frame in frames:
+                deadline = now() + 50e-6
+                while now() < deadline:
+                    pass
+                os.write(sink, struct.pack("I", len(frame)) + frame)
+            os.write(w, b"!") if memfd else None
             os._exit(0)
         os.close(w)
         data = b""
-        while parse(data) < len(frames):
+        while len(data) < total:
             select.select([r], [], [])
             chunk = os.read(r, 65536)
             if not chunk:
                 raise RuntimeError("the test exited before sending every frame")
-            if memfd:
-                data = os.pread(sink, os.fstat(sink).st_size, 0)
-            else:
-                data += chunk
+            data = os.pread(sink, os.fstat(sink).st_size, 0) if memfd else data + chunk
         os.close(r)
-        if memfd:
-            os.close(sink)
+        os.close(sink) if memfd else None
         os.waitpid(pid, 0)
-        elapsed = now() - start
         after = resource.getrusage(resource.RUSAGE_SELF)
-        return elapsed, (after.ru_nvcsw + after.ru_nivcsw) - (usage.ru_nvcsw + usage.ru_nivcsw)
+        switches = after.ru_nvcsw + after.ru_nivcsw - usage.ru_nvcsw - usage.ru_nivcsw
+        return now() - start, time.process_time() - cpu, switches
 
-    n = iterations(300)
+    n = iterations(500)
     a, b = interleave(n, lambda: run(False), lambda: run(True))
-    return [row("per test, fork to reaped", [x[0] for x in a], [x[0] for x in b], note=f"{n} runs each"),
-            row("parent's context switches", [x[1] for x in a], [x[1] for x in b], unit="count")]
-
+    return rows(a, b, ("per test, fork to reaped", "time", f"{n} runs each"),
+                ("parent's CPU", "time", ""), ("parent's context switches", "count", ""))
 
 LEVERS = [lever_pid_ns, lever_gc_freeze, lever_fork_memory, lever_seccomp, lever_cgroup_v1,
           lever_loopback, lever_overlay, lever_teardown, lever_events]
@@ -516,21 +435,20 @@ def fmt(samples: list, unit: str = "time") -> str:
     value = statistics.median(samples)
     if unit == "count":
         return f"{value:,.1f}" if value < 10 else f"{value:,.0f}"
-    return f"{value * 1e3:.2f} ms" if abs(value) >= 1e-3 else f"{value * 1e6:.0f} µs"
-
+    if abs(value) < 1e-3:
+        return f"{value * 1e6:.0f} µs"
+    return f"{value * 1e3:.{2 if abs(value) < 0.01 else 1 if abs(value) < 0.1 else 0}f} ms"
 
 def spread(samples: list, unit: str) -> str:
     """median (p10–p90)"""
-    if len(samples) < 2:
-        return fmt(samples, unit)
     deciles = statistics.quantiles(samples, n=10)
     low, high = fmt([deciles[0]], unit), fmt([deciles[-1]], unit)
     if unit == "time" and low.split()[1] == high.split()[1]:
         low = low.split()[0]
     return f"{fmt(samples, unit)} ({low}–{high})"
 
-
 def describe(lever) -> dict[str, str]:
+    """title, A, B and the rest, from a lever's docstring."""
     lines = [" ".join(line.split()) for line in lever.__doc__.strip().splitlines()]
     parts = {"title": lines[0], "A": "", "B": "", "more": ""}
     for line in lines[1:]:
@@ -538,26 +456,21 @@ def describe(lever) -> dict[str, str]:
         parts[key] = (parts[key] + " " + line.removeprefix(f"{key}:")).strip()
     return parts
 
-
 def table(results: list) -> list[list[str]]:
-    rows = []
+    cells = []
     for number, lever, outcome in results:
         title = f"{number}. {describe(lever)['title']}"
         if isinstance(outcome, str):
-            rows.append([title, "—", "—", "—", f"not run: {outcome}"])
-            continue
-        for r in outcome:
+            cells.append([title, "—", "—", "—", f"not run: {outcome}"])
+        for r in outcome if isinstance(outcome, list) else []:
             ma, mb = statistics.median(r["a"]), statistics.median(r["b"])
-            ratio = f"{mb / ma:.2f}×" if ma > 0 else "—"
-            rows.append([f"{title}: {r['metric']}", spread(r["a"], r["unit"]),
-                         spread(r["b"], r["unit"]), ratio, r["note"]])
-    return rows
-
+            cells.append([f"{title}: {r['metric']}", spread(r["a"], r["unit"]), spread(r["b"], r["unit"]),
+                          f"{mb / ma:.2f}×" if ma > 0 else "—", r["note"]])
+    return cells
 
 def machine() -> str:
-    cpu = "unknown CPU"
     with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     with open("/proc/self/mounts") as f:
         types = {m.split()[1]: m.split()[2] for m in f}
     cgroups = ("v2" if types.get("/sys/fs/cgroup") == "cgroup2" else
@@ -566,28 +479,22 @@ def machine() -> str:
     return (f"{cpu}, {os.cpu_count()} cores, kernel {platform.release()}, cgroups {cgroups}, "
             f"as {who}, python {platform.python_version()}")
 
-
 def markdown(results: list, took: float) -> str:
-    head = ["lever", "A (without)", "B (with)", "B vs A", "notes"]
     lines = [f"Run on {datetime.datetime.now():%Y-%m-%d %H:%M} with `python benchmarks/levers.py` "
              f"(took {took:.0f} s) on {machine()}. Each cell: median (p10–p90) per operation, "
              "A and B interleaved.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             "| lever | A (without) | B (with) | B vs A | notes |", "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(cells) + " |" for cells in table(results)]
     lines += ["", "What A and B are:", ""]
     for number, lever, _ in results:
         d = describe(lever)
-        more = f" {d['more']}" if d["more"] else ""
-        lines.append(f"{number}. **{d['title']}**. A: {d['A']} B: {d['B']}{more}")
+        lines.append(f"{number}. **{d['title']}**. A: {d['A']} B: {d['B']}" + (f" {d['more']}" if d["more"] else ""))
     return "\n".join(lines)
 
-
-def text(rows: list[list[str]]) -> str:
-    head = ["lever", "A (without)", "B (with)", "B/A", "notes"]
-    widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4]
-                     for r in [head] + rows)
-
+def text(cells: list[list[str]]) -> str:
+    cells = [["lever", "A (without)", "B (with)", "B/A", "notes"]] + cells
+    widths = [max(len(c[i]) for c in cells) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4] for r in cells)
 
 def main() -> None:
     global SCALE
@@ -610,8 +517,7 @@ def main() -> None:
         except NotRun as exc:
             results.append((number, lever, str(exc)))
     took = now() - started
-    print(f"{machine()}; took {took:.0f} s; median (p10–p90) per operation\n")
-    print(text(table(results)))
+    print(f"{machine()}; took {took:.0f} s; median (p10–p90) per operation\n\n{text(table(results))}")
     if args.print or only:
         return
     path = os.path.join(args.out, "performance.md")
@@ -620,11 +526,9 @@ def main() -> None:
     pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
     if not pattern.search(doc):
         sys.exit(f"{path}: no {BEGIN} ... {END} markers")
-    block = f"{BEGIN}\n{markdown(results, took)}\n{END}"
     with open(path, "w") as f:
-        f.write(pattern.sub(lambda _: block, doc, count=1))
+        f.write(pattern.sub(lambda _: f"{BEGIN}\n{markdown(results, took)}\n{END}", doc, count=1))
     print(f"\nwrote {path}")
-
 
 if __name__ == "__main__":
     main()

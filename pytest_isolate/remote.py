@@ -223,6 +223,7 @@ class Host(ContainerReporter):
         self._limits_zygote: zygote_module.Zygote | None = None
         self._pipeline: pipeline_module.Pipeline | None = None
         self._masks: list | None = None
+        self._session_fds: set[int] | None = None
 
     @pytest.hookimpl
     def pytest_collectreport(self, report: pytest.CollectReport) -> None:
@@ -358,7 +359,9 @@ class Host(ContainerReporter):
         ``(config, payload, event_fd, keep_fds)``; ``fds`` start with the events
         file, the notify pipe and, in mode "fresh", the capture link."""
         events_fd, notify_w = fds[:2]
-        keep = _capture_fds(self.config) | {self.crash_fd, self.start["session_output_fd"], notify_w}
+        if self._session_fds is None:  # pytest's capture files stay the same all session
+            self._session_fds = _capture_fds(self.config) | {self.crash_fd, self.start["session_output_fd"]}
+        keep = self._session_fds | {notify_w}
         if request["mode"] == "fresh":
             keep.add(fds[2])
             payload = self._fresh_payload(events_fd, notify_w, fds[2])

@@ -188,13 +188,6 @@ def _test(namespace_fds: dict, config: dict, payload, go_fd: int, event_fd: int,
         os.chdir("/")
     os.environ.update(config.get("env") or {})
     process.close_fds_except({0, 1, 2, event_fd, go_fd} | keep_fds)
-    for name, soft, hard in config.get("rlimits", ()):
-        try:
-            resource.setrlimit(getattr(resource, f"RLIMIT_{name.upper()}"), (soft, hard))
-        except (OSError, ValueError) as exc:
-            current = resource.getrlimit(getattr(resource, f"RLIMIT_{name.upper()}"))
-            raise OSError(getattr(exc, "errno", 1), f"ulimits: cannot set {name} to ({soft}, {hard}); "
-                          f"this process may go no higher than the host's hard limit {current[1]}") from None
     # Keyrings are not namespaced: start from an empty session keyring, before the
     # seccomp profile takes keyctl() away.
     syscalls.join_new_session_keyring()
@@ -210,12 +203,21 @@ def _test(namespace_fds: dict, config: dict, payload, go_fd: int, event_fd: int,
     job = _read_job(go_fd)
     if job is None:
         os._exit(0)
+    # Limits last: a small RLIMIT_DATA (best-effort memory) must bind the test, not
+    # the reading of its job.
+    for name, soft, hard in config.get("rlimits", ()):
+        try:
+            resource.setrlimit(getattr(resource, f"RLIMIT_{name.upper()}"), (soft, hard))
+        except (OSError, ValueError) as exc:
+            current = resource.getrlimit(getattr(resource, f"RLIMIT_{name.upper()}"))
+            raise OSError(getattr(exc, "errno", 1), f"ulimits: cannot set {name} to ({soft}, {hard}); "
+                          f"this process may go no higher than the host's hard limit {current[1]}") from None
     payload(job)
 
 
 def _read_job(go_fd: int) -> dict | None:
     chunks = []
-    while chunk := os.read(go_fd, 1 << 20):
+    while chunk := os.read(go_fd, 1 << 16):
         chunks.append(chunk)
     os.close(go_fd)
     return marshal.loads(b"".join(chunks)) if chunks else None
