@@ -84,6 +84,7 @@ class ContainerHost:
         self.start_seconds = 0.0
         self.notes: list[str] = []
         self.collected = 0
+        self.rss: int | None = None
         self.gateway = None
         self.channel = None
         self._zygote_pid: int | None = None
@@ -116,6 +117,7 @@ class ContainerHost:
         if name != "ready":
             raise HostError(f"the container host answered {name!r} instead of starting")
         self.collected = data.get("collected", 0)
+        self.rss = data.get("rss")
         self.notes = data.get("notes", [])
         self.start_seconds = time.perf_counter() - started
 
@@ -296,7 +298,7 @@ class Controller:
     def summary_lines(self) -> list[str]:
         lines = [
             f"container host ({mode} mode, image {image}): started in {host.start_seconds:.2f}s, "
-            f"{host.collected} tests collected"
+            f"{host.collected} tests collected" + (f", RSS {human(host.rss)}" if host.rss else "")
             for (mode, image), host in self.hosts.items()
         ]
         lines += [f"  note: {note}" for host in self.hosts.values() for note in host.notes]

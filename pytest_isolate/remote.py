@@ -61,6 +61,18 @@ def quiet_session_output() -> int:
     return sys.stdout.fileno()
 
 
+def _resident_bytes() -> int | None:
+    """This process's resident memory (VmRSS): what every fork of it maps."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def make_config(option_dict: dict, args: list[str], workerinput: dict) -> pytest.Config:
     config = pytest.Config.fromdictargs(option_dict, args)
     # Core plugins (junitxml, cacheprovider, stepwise, ...) and many third-party
@@ -234,7 +246,7 @@ class Host(ContainerReporter):
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         self.items = {item.nodeid: item for item in session.items}
         self.channel.send(("ready", {
-            "collected": len(self.items), "pid": os.getpid(),
+            "collected": len(self.items), "pid": os.getpid(), "rss": _resident_bytes(),
             "seconds": time.perf_counter() - self.started,
             "notes": json.loads(os.environ.pop(HOST_NOTES_ENV, "[]")),
         }))
