@@ -42,12 +42,11 @@ import pytest
 
 from pytest_isolate.runtime import container, events, factory, rootfs
 from pytest_isolate.runtime import pipeline as pipeline_module
+from pytest_isolate.runtime import process
+from pytest_isolate.runtime.launch import FACTORY_FD_ENV, HOST_ERROR_ENV, HOST_NOTES_ENV
 from pytest_isolate.runtime import zygote as zygote_module
 
-HOST_ERROR_ENV = "PYTEST_ISOLATE_HOST_ERROR"
-HOST_NOTES_ENV = "PYTEST_ISOLATE_HOST_NOTES"
 JOB_ENV = "PYTEST_ISOLATE_JOB"
-FACTORY_FD_ENV = "PYTEST_ISOLATE_FACTORY_FD"
 # How long after the timeout (when faulthandler dumps the stack) the container dies.
 KILL_GRACE = 0.25
 
@@ -63,14 +62,8 @@ def quiet_session_output() -> int:
 
 def _resident_bytes() -> int | None:
     """This process's resident memory (VmRSS): what every fork of it maps."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    rss = process.status_field("VmRSS")  # ["38212", "kB"]
+    return int(rss[0]) * 1024 if rss else None
 
 
 def make_config(option_dict: dict, args: list[str], workerinput: dict) -> pytest.Config:
@@ -325,7 +318,7 @@ class Host(ContainerReporter):
         if not in_zygote:
             self.pipeline.prepare_next(request, zygote)  # while this test runs
         supervisor = container.Supervisor(
-            test.test, test.test_pidfd, test.events_fd, test.notify_r, timeout and timeout + KILL_GRACE,
+            test.test_pidfd, test.events_fd, test.notify_r, timeout and timeout + KILL_GRACE,
             test.namespaces.end, reap=lambda: zygote.reap(test.test), wait_for_exit=in_zygote,
             relay=lambda reported: self.channel.send(("events", events.encode_body(reported))))
         reported = supervisor.events()

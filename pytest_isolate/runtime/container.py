@@ -43,10 +43,9 @@ import marshal
 import os
 import resource
 import select
-import signal
 import socket
 import time
-from typing import Callable, Iterator
+from typing import Callable
 
 from . import capabilities, events, landlock, network, process, rootfs, seccomp, syscalls, user_ns
 
@@ -121,15 +120,8 @@ def build_container(config: dict) -> None:
     rootfs.pivot_into(root)
 
 
-_host_pid_ns: list[int] = []
 # What a test process is called (ps, /proc/self/comm): the host's name, not its zygote's.
 test_process_name = ""
-
-
-def _pid_namespace_of_host() -> int:
-    if not _host_pid_ns:
-        _host_pid_ns.append(os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC))
-    return _host_pid_ns[0]
 
 
 def fork_test(namespaces, config: dict, payload: Callable[[dict], None], go_fd: int,
@@ -151,7 +143,7 @@ def fork_test(namespaces, config: dict, payload: Callable[[dict], None], go_fd: 
         if test == 0:
             _exit_on_error(event_fd, _test, namespaces.fds, config, payload, go_fd, event_fd, keep_fds)
     finally:
-        syscalls.setns(_pid_namespace_of_host(), syscalls.CLONE_NEWPID)
+        syscalls.setns(process.own_pid_namespace(), syscalls.CLONE_NEWPID)
     return test
 
 
@@ -161,9 +153,8 @@ def _exit_on_error(event_fd: int, step: Callable, *args) -> None:
         step(*args)
     except BaseException as exc:  # noqa: BLE001 - a forked child must never return
         try:
-            message = (f"{exc.strerror} (errno {exc.errno})" if isinstance(exc, OSError) and exc.strerror
-                       else f"{type(exc).__name__}: {exc}")
-            events.send(event_fd, "container_error", {"message": message, "step": step.__name__.strip("_")})
+            events.send(event_fd, "container_error",
+                        {"message": process.describe_error(exc), "step": step.__name__.strip("_")})
         finally:
             os._exit(EXIT_CONTAINER_FAILED)
     os._exit(0)
@@ -250,10 +241,9 @@ class Supervisor:
 
     RELAY_AFTER = 0.25
 
-    def __init__(self, test: int, test_pidfd: int, events_fd: int, notify_r: int, timeout: float | None,
+    def __init__(self, test_pidfd: int, events_fd: int, notify_r: int, timeout: float | None,
                  kill: Callable[[], None], reap, relay: Callable[[list], None],
                  wait_for_exit: bool = True) -> None:
-        self.test = test
         self.test_pidfd = test_pidfd
         self.events_fd = events_fd
         self.notify_r = notify_r

@@ -109,7 +109,6 @@ def serve(link: socket.socket, build) -> None:
     """The factory's loop. ``build(config)`` runs in each init, as its pid 1, and
     returns once the container stands (see container.build_container)."""
     process.set_name("isolate-factory")
-    host_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     signal.signal(signal.SIGCHLD, _reap_children)
     while True:
         message = link.recv(MAX_MESSAGE)
@@ -122,11 +121,11 @@ def serve(link: socket.socket, build) -> None:
             syscalls.unshare(syscalls.CLONE_NEWPID)
             init = os.fork()
         except OSError as exc:
-            link.send(marshal.dumps((request_id, "error", _describe(exc), "fork")))
+            link.send(marshal.dumps((request_id, "error", process.describe_error(exc), "fork")))
             continue
         finally:
             try:
-                syscalls.setns(host_pid_ns, syscalls.CLONE_NEWPID)
+                syscalls.setns(process.own_pid_namespace(), syscalls.CLONE_NEWPID)
             except OSError:
                 pass
         if init == 0:
@@ -148,7 +147,7 @@ def _init(link: socket.socket, request_id: int, config: dict, build) -> None:
     except BaseException as exc:  # noqa: BLE001 - a forked child must never return
         step = getattr(exc, "step", "init")
         try:
-            link.send(marshal.dumps((request_id, "error", _describe(exc), step)))
+            link.send(marshal.dumps((request_id, "error", process.describe_error(exc), step)))
         finally:
             os._exit(125)
     link.close()
@@ -167,9 +166,3 @@ def _reap_children(signum=None, frame=None) -> None:
             return
         if pid == 0:
             return
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.strerror} (errno {exc.errno})"
-    return f"{type(exc).__name__}: {exc}"

@@ -46,12 +46,6 @@ def launcher_command(spec: dict, python: str) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def describe_error(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.strerror} (errno {exc.errno})"
-    return f"{type(exc).__name__}: {exc}"
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(base64.b64decode(argv[argv.index("--spec") + 1]))
@@ -61,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         if notes:
             os.environ[HOST_NOTES_ENV] = json.dumps(notes)
     except Exception as exc:  # reported by the remote side, see the module doc
-        os.environ[HOST_ERROR_ENV] = describe_error(exc)
+        os.environ[HOST_ERROR_ENV] = process.describe_error(exc)
     launcher = os.getpid()
     host_end = factory_end = None
     if HOST_ERROR_ENV not in os.environ:

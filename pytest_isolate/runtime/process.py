@@ -38,17 +38,41 @@ def name() -> str:
         return ""
 
 
-def outer_pid() -> int | None:
-    """The caller's pid as /proc's pid namespace numbers it: the controller's, since
-    the container host keeps the host's /proc (the first field of NSpid)."""
+def status_field(name: str) -> list[str]:
+    """The words of the ``name:`` line of /proc/self/status ([] if there is none)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("NSpid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
+                if line.startswith(name + ":"):
+                    return line.split()[1:]
+    except OSError:
         pass
-    return None
+    return []
+
+
+def outer_pid() -> int | None:
+    """The caller's pid as /proc's pid namespace numbers it: the controller's, since
+    the container host keeps the host's /proc (the first field of NSpid)."""
+    nspid = status_field("NSpid")
+    return int(nspid[0]) if nspid else None
+
+
+_own_pid_namespace: list[int] = []
+
+
+def own_pid_namespace() -> int:
+    """An fd of the caller's pid namespace (opened once per process), to setns()
+    back to after making or joining another one for a child."""
+    if not _own_pid_namespace:
+        _own_pid_namespace.append(os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC))
+    return _own_pid_namespace[0]
+
+
+def describe_error(exc: BaseException) -> str:
+    """An error in a few words: "strerror (errno N)" for an OSError, else "Type: message"."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror} (errno {exc.errno})"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def open_fds() -> list[int]:
