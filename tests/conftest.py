@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 import pytest
 
@@ -41,6 +42,31 @@ def run(pytester: pytest.Pytester):
         return pytester.runpytest_subprocess("-p", "no:cacheprovider", *mode, *args, timeout=timeout)
 
     return run
+
+
+def read_quietly(path: str) -> bytes:
+    """The bytes of ``path``, or b"" if it is gone or not ours to read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def find_processes(cmdline_part: str) -> list[int]:
+    """Pids whose /proc/PID/cmdline contains ``cmdline_part``."""
+    needle = cmdline_part.encode()
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and needle in read_quietly(f"/proc/{p}/cmdline")]
+
+
+def wait_for(probe, timeout: float):
+    """Poll ``probe`` until it returns something falsy or the time is up; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if not value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
 
 
 def outcome_counts(result: pytest.RunResult) -> dict[str, int]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IS_ROOT
+from conftest import IS_ROOT, find_processes, read_quietly, wait_for
 from pytest_isolate.runtime import user_ns
 
 TOKEN_VAR = "PYTEST_ISOLATE_LEAK_TOKEN"
@@ -94,20 +94,6 @@ def test_sleeps_until_pytest_is_killed():
 
 # -- the host, seen through /proc ---------------------------------------------------------
 
-def _read(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError:  # gone, or not ours to read
-        return b""
-
-
-def find_processes(cmdline_part: str) -> list[int]:
-    """Pids whose /proc/PID/cmdline contains ``cmdline_part``."""
-    needle = cmdline_part.encode()
-    return [int(p) for p in os.listdir("/proc") if p.isdigit() and needle in _read(f"/proc/{p}/cmdline")]
-
-
 def ours(token: str, mark: str) -> dict[int, str]:
     """Processes of our inner run: the sleepers (by argv), and everything that inherited
     the token: controller, container hosts, factories, inits, zygotes, tests, and the launchers and
@@ -115,20 +101,10 @@ def ours(token: str, mark: str) -> dict[int, str]:
     runs with ``pytest_isolate`` on theirs are not ours to judge)."""
     found = {}
     for pid in (p for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()):
-        cmdline = _read(f"/proc/{pid}/cmdline")
-        if mark.encode() in cmdline or token.encode() in _read(f"/proc/{pid}/environ"):
+        cmdline = read_quietly(f"/proc/{pid}/cmdline")
+        if mark.encode() in cmdline or token.encode() in read_quietly(f"/proc/{pid}/environ"):
             found[int(pid)] = cmdline.replace(b"\0", b" ").decode(errors="replace")[:120]
     return found
-
-
-def wait_for(probe, timeout: float = GRACE):
-    """Poll ``probe`` until it returns something falsy or the time is up; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if not value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
 
 
 def mounts() -> set[str]:
@@ -179,14 +155,14 @@ class HostSnapshot:
         self.shm = set(os.listdir("/dev/shm"))
 
     def assert_nothing_left(self) -> None:
-        left = wait_for(lambda: ours(self.token, self.mark))
+        left = wait_for(lambda: ours(self.token, self.mark), GRACE)
         assert not left, f"processes left: {left}"
         new_mounts = mounts() - self.mounts
         assert not new_mounts, new_mounts
         assert not [line for line in mounts() if ".pytest-isolate" in line]
         assert os.listdir(self.private_tmp) == []
-        assert wait_for(lambda: tmp_suspects(self.tmp, self.basetemp, self.mark)) == []
-        assert wait_for(lambda: sorted(set(os.listdir("/dev/shm")) - self.shm)) == []
+        assert wait_for(lambda: tmp_suspects(self.tmp, self.basetemp, self.mark), GRACE) == []
+        assert wait_for(lambda: sorted(set(os.listdir("/dev/shm")) - self.shm), GRACE) == []
 
 
 # -- the tests -------------------------------------------------------------------------------
@@ -209,7 +185,7 @@ def descendants(root: int) -> dict[int, bytes]:
     """Every process below ``root``, with its start time (to tell a reused pid)."""
     children: dict[int, list[int]] = {}
     for p in (p for p in os.listdir("/proc") if p.isdigit()):
-        for line in _read(f"/proc/{p}/status").splitlines():
+        for line in read_quietly(f"/proc/{p}/status").splitlines():
             if line.startswith(b"PPid:"):
                 children.setdefault(int(line.split()[1]), []).append(int(p))
     found, todo = {}, [root]
@@ -221,7 +197,7 @@ def descendants(root: int) -> dict[int, bytes]:
 
 
 def start_time(pid: int) -> bytes:
-    stat = _read(f"/proc/{pid}/stat")
+    stat = read_quietly(f"/proc/{pid}/stat")
     return stat.rpartition(b")")[2].split()[19] if stat else b""
 
 
@@ -243,7 +219,7 @@ def test_nothing_left_after_pytest_is_sigkilled(pytester, monkeypatch, mode) -> 
         inner.kill()
         inner.wait(10)
         alive = lambda: {p: t for p, t in tree.items() if start_time(p) == t}  # noqa: E731
-        assert not wait_for(alive), f"still running after {GRACE} s: {ours(snapshot.token, snapshot.mark)}"
+        assert not wait_for(alive, GRACE), f"still running after {GRACE} s: {ours(snapshot.token, snapshot.mark)}"
         snapshot.assert_nothing_left()
     finally:
         if inner.poll() is None:

@@ -33,7 +33,7 @@ from functools import cache
 
 import pytest
 
-from conftest import IS_ROOT
+from conftest import IS_ROOT, find_processes, wait_for
 from pytest_isolate.runtime import cgroups
 
 MiB = 1 << 20
@@ -101,29 +101,6 @@ def slowdown() -> float:
     started = time.monotonic()
     subprocess.run([sys.executable, "-c", "import pytest"], check=True)
     return max(1.0, (time.monotonic() - started) / 0.25)
-
-
-def _read(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
-
-
-def find_processes(mark: str) -> list[int]:
-    needle = mark.encode()
-    return [int(p) for p in os.listdir("/proc") if p.isdigit() and needle in _read(f"/proc/{p}/cmdline")]
-
-
-def wait_for(probe, timeout: float = GRACE):
-    """Poll ``probe`` until it returns something falsy or the time is up; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if not value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
 
 
 def cgroup_mount_points() -> list[str]:
@@ -390,7 +367,7 @@ def test_limit_pids_refuses_the_fork_bomb(pytester, run) -> None:
         else:
             assert "pids 8 as RLIMIT_NPROC" in section and "best-effort" in section
         # The children ended with the container: none is left on the host.
-        assert wait_for(lambda: find_processes(mark)) == []
+        assert wait_for(lambda: find_processes(mark), GRACE) == []
     finally:
         for pid in find_processes(mark):
             os.kill(pid, signal.SIGKILL)
@@ -789,7 +766,7 @@ def test_limit_groups_are_removed_at_the_end(pytester, run) -> None:
         else:
             assert recorded["groups"] == []
         assert groups_of(recorded["pid"]) == []
-        assert wait_for(lambda: find_processes(mark)) == []
+        assert wait_for(lambda: find_processes(mark), GRACE) == []
     finally:
         for pid in find_processes(mark):
             os.kill(pid, signal.SIGKILL)
@@ -825,7 +802,7 @@ def test_limit_groups_of_a_sigkilled_run_are_removed_by_the_next(pytester, run) 
             assert while_running == []
         inner.kill()
         inner.wait(10)
-        assert wait_for(lambda: find_processes(mark)) == []
+        assert wait_for(lambda: find_processes(mark), GRACE) == []
         # The group may still be there (nobody removed it) or not (another run did);
         # the next run that uses limits removes it in any case.
         pytester.makepyfile(test_next=HELPERS + """
