@@ -14,13 +14,14 @@ for the cgroup v1 lever.
 
 from __future__ import annotations
 
-import argparse, datetime, gc, json, os, platform, re, resource, select, shutil  # noqa: E401
+import argparse, gc, json, os, re, resource, select, shutil  # noqa: E401
 import signal, socket, statistics, struct, subprocess, sys, time, traceback  # noqa: E401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from pytest_isolate.runtime import (capabilities, network, seccomp, seccomp_default,  # noqa: E402
-                                    syscalls, user_ns)
+from pytest_isolate.runtime import (capabilities, hugepages, network, seccomp,  # noqa: E402
+                                    seccomp_default, syscalls, tiny_init, user_ns)
+from _lever_report import describe, machine, markdown, table, text  # noqa: E402
 
 BEGIN, END = "<!-- levers:begin -->", "<!-- levers:end -->"
 SCALE = 1.0
@@ -425,76 +426,83 @@ def lever_events():
     return rows(a, b, ("per test, fork to reaped", "time", f"{n} runs each"),
                 ("parent's CPU", "time", ""), ("parent's context switches", "count", ""))
 
+def lever_tiny_init():
+    """container init: a static program, not a fork
+    A: the factory forks init, which names itself, closes its fds and sleeps in Python (the fallback where tiny_init.py has no machine code).
+    B: the factory posix_spawn()s the 185-byte static init (tiny_init.py).
+    Timed until init sleeps (A: it says so through a pipe; B: its state in /proc), then SIGKILLed and reaped; from a process of the factory's size (this one, which imported the runtime).
+    """
+    if tiny_init.program() is None:
+        raise NotRun("no machine code for this architecture")
+    path = f"/tmp/isolate-init-lever-{os.getpid()}"
+    with open(path, "wb") as f:
+        f.write(tiny_init.program())
+    os.chmod(path, 0o755)
+
+    def forked():
+        r, w = os.pipe()
+        start, cpu, kids = now(), time.process_time(), children_cpu()
+        pid = os.fork()
+        if pid == 0:
+            os.closerange(3, r)
+            os.write(w, b"x")
+            os.closerange(0, 1 << 20)
+            while True:
+                signal.pause()
+        os.read(r, 1)
+        return finish(pid, start, cpu, kids, (r, w))
+
+    def spawned():
+        start, cpu, kids = now(), time.process_time(), children_cpu()
+        pid = os.posix_spawn(path, [path], {})
+        while True:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split()[2] == "S":
+                    break
+        return finish(pid, start, cpu, kids, ())
+
+    def finish(pid, start, cpu, kids, fds):
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        for fd in fds:
+            os.close(fd)
+        return now() - start, time.process_time() - cpu, children_cpu() - kids
+
+    try:
+        n = iterations(300)
+        a, b = interleave(n, forked, spawned)
+    finally:
+        os.unlink(path)
+    return rows(a, b, ("until init sleeps, then reaped", "time", f"RSS {rss_mb():.0f} MB; {n} runs each"),
+                ("factory's CPU", "time", ""), ("init's CPU", "time", ""))
+
+def lever_hugepages():
+    """huge pages before the zygote forks
+    A: fork + _exit + waitpid from a process holding 150 MB of small Python objects (a test module's process).
+    B: the same after hugepages.collapse() in that process (MADV_COLLAPSE of its mostly-resident anonymous memory).
+    """
+    def collapsed():
+        heap = ballast(150)
+        if not hugepages.collapse(budget=5):
+            raise NotRun("MADV_COLLAPSE collapsed nothing (Linux < 6.1, or transparent huge pages off)")
+        return heap
+
+    small, huge = Forker(lambda: ballast(150)), Forker(collapsed)
+    try:
+        n = iterations(150)
+        a, b = interleave(n, small.fork, huge.fork)
+    finally:
+        small.close()
+        huge.close()
+    note = f"RSS {small.rss:.0f} vs {huge.rss:.0f} MB; {n} runs each"
+    return rows(a, b, ("fork + exit + wait, wall", "time", note),
+                ("forking process's CPU", "time", ""), ("child's CPU (mostly its exit)", "time", ""))
+
 LEVERS = [lever_pid_ns, lever_gc_freeze, lever_fork_memory, lever_seccomp, lever_cgroup_v1,
-          lever_loopback, lever_overlay, lever_teardown, lever_events]
+          lever_loopback, lever_overlay, lever_teardown, lever_events, lever_tiny_init, lever_hugepages]
 
 
 # -- the report ------------------------------------------------------------------------
-
-def fmt(samples: list, unit: str = "time") -> str:
-    value = statistics.median(samples)
-    if unit == "count":
-        return f"{value:,.1f}" if value < 10 else f"{value:,.0f}"
-    if abs(value) < 1e-3:
-        return f"{value * 1e6:.0f} µs"
-    return f"{value * 1e3:.{2 if abs(value) < 0.01 else 1 if abs(value) < 0.1 else 0}f} ms"
-
-def spread(samples: list, unit: str) -> str:
-    """median (p10–p90)"""
-    deciles = statistics.quantiles(samples, n=10)
-    low, high = fmt([deciles[0]], unit), fmt([deciles[-1]], unit)
-    if unit == "time" and low.split()[1] == high.split()[1]:
-        low = low.split()[0]
-    return f"{fmt(samples, unit)} ({low}–{high})"
-
-def describe(lever) -> dict[str, str]:
-    """title, A, B and the rest, from a lever's docstring."""
-    lines = [" ".join(line.split()) for line in lever.__doc__.strip().splitlines()]
-    parts = {"title": lines[0], "A": "", "B": "", "more": ""}
-    for line in lines[1:]:
-        key = line[0] if line[:2] in ("A:", "B:") else "more"
-        parts[key] = (parts[key] + " " + line.removeprefix(f"{key}:")).strip()
-    return parts
-
-def table(results: list) -> list[list[str]]:
-    cells = []
-    for number, lever, outcome in results:
-        title = f"{number}. {describe(lever)['title']}"
-        if isinstance(outcome, str):
-            cells.append([title, "—", "—", "—", f"not run: {outcome}"])
-        for r in outcome if isinstance(outcome, list) else []:
-            ma, mb = statistics.median(r["a"]), statistics.median(r["b"])
-            cells.append([f"{title}: {r['metric']}", spread(r["a"], r["unit"]), spread(r["b"], r["unit"]),
-                          f"{mb / ma:.2f}×" if ma > 0 else "—", r["note"]])
-    return cells
-
-def machine() -> str:
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
-    with open("/proc/self/mounts") as f:
-        types = {m.split()[1]: m.split()[2] for m in f}
-    cgroups = ("v2" if types.get("/sys/fs/cgroup") == "cgroup2" else
-               "v1 (hybrid: cgroup2 also mounted)" if "/sys/fs/cgroup/unified" in types else "v1")
-    who = "root" if os.geteuid() == 0 else f"uid {os.geteuid()}"
-    return (f"{cpu}, {os.cpu_count()} cores, kernel {platform.release()}, cgroups {cgroups}, "
-            f"as {who}, python {platform.python_version()}")
-
-def markdown(results: list, took: float) -> str:
-    lines = [f"Run on {datetime.datetime.now():%Y-%m-%d %H:%M} with `python benchmarks/levers.py` "
-             f"(took {took:.0f} s) on {machine()}. Each cell: median (p10–p90) per operation, "
-             "A and B interleaved.", "",
-             "| lever | A (without) | B (with) | B vs A | notes |", "|---|---|---|---|---|"]
-    lines += ["| " + " | ".join(cells) + " |" for cells in table(results)]
-    lines += ["", "What A and B are:", ""]
-    for number, lever, _ in results:
-        d = describe(lever)
-        lines.append(f"{number}. **{d['title']}**. A: {d['A']} B: {d['B']}" + (f" {d['more']}" if d["more"] else ""))
-    return "\n".join(lines)
-
-def text(cells: list[list[str]]) -> str:
-    cells = [["lever", "A (without)", "B (with)", "B/A", "notes"]] + cells
-    widths = [max(len(c[i]) for c in cells) for i in range(4)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4] for r in cells)
 
 def main() -> None:
     global SCALE

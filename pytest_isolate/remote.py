@@ -40,7 +40,7 @@ import time
 
 import pytest
 
-from pytest_isolate.runtime import container, events, factory, rootfs
+from pytest_isolate.runtime import container, events, factory, hugepages, rootfs
 from pytest_isolate.runtime import pipeline as pipeline_module
 from pytest_isolate.runtime import process
 from pytest_isolate.runtime.launch import FACTORY_FD_ENV, HOST_ERROR_ENV, HOST_NOTES_ENV
@@ -247,9 +247,12 @@ class Host(ContainerReporter):
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtestloop(self, session: pytest.Session) -> bool:
         # Every container is forked from here: move what collection built out of the
-        # collector's reach, or the first gc in each child copies the whole heap.
+        # collector's reach, or the first gc in each child copies the whole heap ...
         gc.collect()
         gc.freeze()
+        # ... and map it with huge pages: forks of a big session then cost little more
+        # than forks of a small one (runtime/hugepages.py).
+        hugepages.collapse()
         while True:
             name, kwargs = self.channel.receive()
             if name == "zygote":  # the controller puts it into the limits cgroup

@@ -218,3 +218,33 @@ def test_python_version_inside_matches_the_controller(pytester, run) -> None:
         """
     )
     run().assert_outcomes(passed=1)
+
+
+def test_pid_1_is_a_sleeping_init_that_reaps_orphans_and_ignores_signals(pytester, run) -> None:
+    """The container's init (runtime/tiny_init.py): not a copy of pytest, immune to
+    the test's signals, and no orphan of the test stays a zombie."""
+    pytester.makepyfile(
+        """
+        import os, platform, signal, subprocess, time, pytest
+
+        def status(pid, field):
+            for line in open(f"/proc/{pid}/status"):
+                if line.startswith(field + ":"):
+                    return line.split(":", 1)[1].split()
+
+        @pytest.mark.isolated
+        def test_init():
+            assert open("/proc/1/comm").read() == "isolate-init\\n"
+            assert status(1, "State")[0] == "S"
+            if platform.machine() == "x86_64":  # the static program, not a Python
+                assert int(status(1, "VmRSS")[0]) < 1024
+            # an orphan: the shell exits at once, its sleep is left to pid 1
+            subprocess.run(["sh", "-c", "sleep 0.2 & exit 0"], check=True)
+            os.kill(1, signal.SIGTERM)
+            os.kill(1, signal.SIGINT)
+            time.sleep(0.6)
+            left = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+            assert left == [1, os.getpid()], [(p, open(f"/proc/{p}/stat").read()) for p in left]
+        """
+    )
+    run().assert_outcomes(passed=1)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import marshal
 import os
+import signal
 import struct
+import time
 
 import pytest
 
 from pytest_isolate import images, options
-from pytest_isolate.runtime import events, rootfs
+from pytest_isolate.runtime import events, rootfs, tiny_init
 
 
 class Unmarshalable:
@@ -87,3 +89,33 @@ def test_the_host_image_binds_system_and_project_read_only_but_never_proc_or_dev
     assert {e["dst"] for e in entries if e["type"] == "dev"} <= {f"/dev/{d}" for d in images.DEVICES}
     prefix = os.path.realpath(os.__file__)
     assert any(prefix.startswith(d + "/") for d in binds), "the interpreter's stdlib is bound"
+
+
+@pytest.mark.skipif(tiny_init.program() is None, reason="no machine code for this architecture")
+def test_the_tiny_init_is_a_static_program_that_sleeps_until_killed(tmp_path) -> None:
+    path = tmp_path / "isolate-init"
+    path.write_bytes(tiny_init.program())
+    path.chmod(0o755)
+    pid = os.posix_spawn(str(path), [str(path)], {})
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().split()
+            if fields[2] == "S":
+                break
+            time.sleep(0.01)
+        assert fields[1:3] == ["(isolate-init)", "S"]
+        with open(f"/proc/{pid}/maps") as f:
+            maps = f.read().splitlines()
+        assert not any(".so" in line for line in maps), maps  # static: no loader, no libc
+        assert any(line.split()[1] == "rw-p" and "[stack]" in line for line in maps), maps  # stack not executable
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+def test_no_tiny_init_where_there_is_no_machine_code() -> None:
+    assert tiny_init.program("riscv64") is None
+    assert tiny_init.program("x86_64")[:4] == b"\x7fELF"

@@ -10,23 +10,24 @@ Process tree::
                 │                              into the image stage; collected the tests
                 │                              once; multi-threaded (execnet)
                 ├─ factory   [factory.serve]   small (forked before the host's exec):
-                │    │                         forks an init per test
-                │    └─ init [build_container] pid 1 of a new pid namespace; new mount,
-                │                              uts, ipc, net namespaces, the test's root
-                │                              filesystem, /proc, masked paths, lo,
-                │                              hostname, pivot_root; reaps orphans
+                │    │  [build_container]      per test, in itself: new mount, uts, ipc,
+                │    │                         net namespaces, the test's root
+                │    │                         filesystem, lo, hostname; then
+                │    └─ init                   pid 1 of a new pid namespace; sleeps (the
+                │                              kernel reaps orphans)
                 └─ zygote    [zygote.py]       forked after collection; forks the tests
                      └─ test [fork_test,_test] born INTO init's pid namespace, joins its
-                                               other namespaces: new cgroup namespace and
-                                               session, fds closed, new keyring,
-                                               capabilities dropped, no_new_privs,
-                                               Landlock, seccomp; runs the payload
+                                  [enter_root] other namespaces, mounts /proc, masks
+                                               kernel paths, pivot_root; new cgroup
+                                               namespace and session, fds closed, new
+                                               keyring, capabilities dropped,
+                                               no_new_privs, Landlock, seccomp; runs
+                                               the payload
 
 Why two branches: a fork costs what the forking process holds (page tables, and
 every page written afterwards is copied). Only the test needs the host's memory (the
 collected items), so only the test is forked from (a zygote of) the host; everything
-else is built by an init forked from the small factory, usually while the previous
-test still runs.
+else is built by the small factory, usually while the previous test still runs.
 
 The payload is a function of the job it is given: in the default mode it runs an
 already-collected pytest item in the forked process; in the strict mode it execs a
@@ -51,9 +52,6 @@ from . import capabilities, events, landlock, network, process, rootfs, seccomp,
 
 # The host's own namespaces; CLONE_NEWPID makes its first child (the host) pid 1.
 HOST_NAMESPACES = syscalls.CLONE_NEWNET | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC | syscalls.CLONE_NEWPID
-# What init unshares; its pid namespace was made by the factory before the fork, and
-# the test makes its own cgroup namespace (it may be born in a limits cgroup).
-CONTAINER_NAMESPACES = syscalls.CLONE_NEWNS | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC | syscalls.CLONE_NEWNET
 EXIT_CONTAINER_FAILED = 125
 MAX_JOB = 1 << 22
 
@@ -106,18 +104,24 @@ def enter_host(spec: dict) -> list[str]:
 # -- one test's container -------------------------------------------------------------
 
 def build_container(config: dict) -> None:
-    """Build a test's container around the caller, pid 1 of a new pid namespace (init,
-    forked by the factory). ``config``: {"entries", "mounts", "hostname",
-    "system_paths", "masks"}."""
-    syscalls.unshare(CONTAINER_NAMESPACES)
-    root = rootfs.build_test_root(config["entries"], config.get("mounts", []))
+    """Build a test's root filesystem, network and hostname around the caller (the
+    factory, in the fresh namespaces it made). ``config``: {"entries", "mounts",
+    "hostname"}; see enter_root for the rest."""
+    rootfs.build_test_root(config["entries"], config.get("mounts", []))
     network.bring_up_loopback()
     socket.sethostname(config.get("hostname") or "isolated")
-    # /proc belongs to the pid namespace of the process that mounts it: pid 1 here.
-    rootfs.mount_proc(root)
+
+
+def enter_root(config: dict) -> None:
+    """Finish the container from inside: mount its /proc, mask kernel paths and
+    pivot into its root. Done by the test process: /proc belongs to the pid namespace
+    of the process that mounts it, and the kernel lets a user namespace mount a /proc
+    only while a full one is still in view (the stage's, until the pivot).
+    ``config``: {"system_paths", "masks"}."""
+    rootfs.mount_proc(rootfs.TEST_ROOT)
     if config.get("system_paths", "masked") == "masked":
-        rootfs.mask_system_paths(root, config.get("masks"))
-    rootfs.pivot_into(root)
+        rootfs.mask_system_paths(rootfs.TEST_ROOT, config.get("masks"))
+    rootfs.pivot_into(rootfs.TEST_ROOT)
 
 
 # What a test process is called (ps, /proc/self/comm): the host's name, not its zygote's.
@@ -165,11 +169,11 @@ def _test(namespace_fds: dict, config: dict, payload, go_fd: int, event_fd: int,
     process.die_with_parent(0)
     if test_process_name:
         process.set_name(test_process_name)
-    # setns() needs a single-threaded caller: a forked child is one. Joining the mount
-    # namespace also moves the root and cwd to the container's root.
+    # setns() needs a single-threaded caller: a forked child is one.
     for name, kind in (("mnt", syscalls.CLONE_NEWNS), ("net", syscalls.CLONE_NEWNET),
                        ("uts", syscalls.CLONE_NEWUTS), ("ipc", syscalls.CLONE_NEWIPC)):
         syscalls.setns(namespace_fds[name], kind)
+    enter_root(config)
     # A cgroup namespace of its own, rooted where the test was born (its limits group).
     syscalls.unshare(syscalls.CLONE_NEWCGROUP)
     process.new_session()

@@ -3,20 +3,24 @@
 Forking is what a container costs most: the kernel copies the forking process's page
 tables, and every page the child writes to is copied again. The container host holds
 pytest and the collected tests (tens to hundreds of MB), so the parts of a container
-that need none of that (namespaces, the root filesystem, /proc, masked paths,
-pivot_root) are built by an init forked from this factory instead: the host's
-child, forked before the host exec'd its interpreter, so its forks are cheap.
+that need none of that (namespaces, the root filesystem, init) are made by this
+factory instead: the host's child, forked before the host exec'd its interpreter,
+so its one fork per container (init) is cheap, and what it builds it builds in
+itself, never in a fresh copy of its memory.
 
     launcher ── container host (pid 1 of the host pid namespace)
                   ├─ factory
                   │    └─ init (pid 1 of a new pid namespace, per test)
                   └─ zygote ── test (born in init's namespaces, see zygote.py)
 
-The host asks for an init (``InitFactory.request``), usually one test ahead. Init
-builds the container and sends its namespaces back over the factory's link (the
-kernel passes the fds); the host then forks the test straight into them
-(container.fork_test) and kills init when the test is over, which ends the pid
-namespace and with it every process the test left. Init reaps orphans meanwhile.
+The host asks for a container (``InitFactory.request``), usually one test ahead.
+The factory builds it around itself: it enters fresh mount, network, UTS and IPC
+namespaces, builds the root filesystem there, forks init (pid 1 of a fresh pid
+namespace, which only sleeps), sends the namespaces back over its link (the kernel
+passes the fds) and returns to its own namespaces. The host then forks the test
+straight into them (container.fork_test); the test mounts its /proc and pivots into
+the root, and the host kills init when the test is over, which ends the pid
+namespace and with it every process the test left.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import select
 import signal
 import socket
 
-from . import process, syscalls
+from . import process, syscalls, tiny_init
 
 MAX_MESSAGE = 1 << 22
 NAMESPACE_FILES = ("pid", "mnt", "net", "uts", "ipc")
@@ -106,63 +110,94 @@ class InitFactory:
 # -- the factory process ------------------------------------------------------------
 
 def serve(link: socket.socket, build) -> None:
-    """The factory's loop. ``build(config)`` runs in each init, as its pid 1, and
-    returns once the container stands (see container.build_container)."""
+    """The factory's loop. ``build(config)`` runs in the factory itself, in the fresh
+    namespaces of a container, and returns once its root filesystem stands (see
+    container.build_container)."""
     process.set_name("isolate-factory")
-    signal.signal(signal.SIGCHLD, _reap_children)
+    # Inits are reaped by the kernel, and so are the orphans they inherit (they
+    # inherit this). ^C is the host's business (as for the launcher).
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A home to return to after each container. It must be a mount namespace of our
+    # user namespace: as root, the stage's belongs to the initial one, and setns()
+    # back into it would need real root.
+    syscalls.unshare(syscalls.CLONE_NEWNS)
+    home = {name: os.open(f"/proc/self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC) for name, _ in _JOINED}
     while True:
         message = link.recv(MAX_MESSAGE)
         if not message:
             return  # the host is gone
         request_id, config = marshal.loads(message)
-        # unshare(CLONE_NEWPID) applies to the caller's next children only, and the
-        # kernel refuses another one until setns() returns to our own namespace.
         try:
-            syscalls.unshare(syscalls.CLONE_NEWPID)
-            init = os.fork()
-        except OSError as exc:
-            link.send(marshal.dumps((request_id, "error", process.describe_error(exc), "fork")))
+            fds = _container(config, build)
+        except Exception as exc:
+            step = getattr(exc, "step", "init")
+            link.send(marshal.dumps((request_id, "error", process.describe_error(exc), step)))
             continue
         finally:
-            try:
-                syscalls.setns(process.own_pid_namespace(), syscalls.CLONE_NEWPID)
-            except OSError:
-                pass
-        if init == 0:
-            _init(link, request_id, config, build)
-
-
-def _init(link: socket.socket, request_id: int, config: dict, build) -> None:
-    """pid 1 of the container: build it, hand its namespaces over, reap orphans."""
-    try:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        process.die_with_parent(0)  # the factory is outside this pid namespace
-        process.set_name("isolate-init")
-        build(config)
-        fds = [os.open(f"/proc/self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC) for name in NAMESPACE_FILES]
-        fds.append(os.pidfd_open(os.getpid()))
-        socket.send_fds(link, [marshal.dumps((request_id, "ready"))], fds)
-        for fd in fds:
-            os.close(fd)
-    except BaseException as exc:  # noqa: BLE001 - a forked child must never return
-        step = getattr(exc, "step", "init")
+            _go_home(home)
         try:
-            link.send(marshal.dumps((request_id, "error", process.describe_error(exc), step)))
+            socket.send_fds(link, [marshal.dumps((request_id, "ready"))], fds)
         finally:
-            os._exit(125)
-    link.close()
-    process.close_fds_except(set())
-    # Orphans of the test are re-parented to us: reap them until the host kills us.
-    signal.signal(signal.SIGCHLD, _reap_children)
-    while True:
-        signal.pause()
+            for fd in fds:
+                os.close(fd)
 
 
-def _reap_children(signum=None, frame=None) -> None:
-    while True:
+# The namespaces the factory enters to build a container, and leaves after.
+_JOINED = (("mnt", syscalls.CLONE_NEWNS), ("net", syscalls.CLONE_NEWNET),
+           ("uts", syscalls.CLONE_NEWUTS), ("ipc", syscalls.CLONE_NEWIPC))
+
+
+def _container(config: dict, build) -> list[int]:
+    """Build one container around the factory; its namespace fds and init's pidfd."""
+    syscalls.unshare(sum(kind for _, kind in _JOINED))
+    fds: dict[str, int] = {}
+    try:
+        for name, _ in _JOINED:
+            fds[name] = os.open(f"/proc/self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        build(config)
+        # unshare(CLONE_NEWPID) applies to the caller's next children only: init is
+        # the first, pid 1 of the namespace, born in the namespaces built above.
+        syscalls.unshare(syscalls.CLONE_NEWPID)
+        init = _spawn_init()
+        fds["pid"] = os.open("/proc/self/ns/pid_for_children", os.O_RDONLY | os.O_CLOEXEC)
+        fds["init"] = os.pidfd_open(init)
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        raise
+    return [fds[name] for name in NAMESPACE_FILES] + [fds["init"]]
+
+
+def _go_home(home: dict[str, int]) -> None:
+    """Back to the factory's own namespaces (and root): a failure here would build
+    the next container inside this one, so it ends the factory."""
+    try:
+        for name, kind in _JOINED:
+            syscalls.setns(home[name], kind)
+        syscalls.setns(process.own_pid_namespace(), syscalls.CLONE_NEWPID)
+    except OSError:
+        os._exit(125)
+
+
+def _spawn_init() -> int:
+    """pid 1 of the container: it only exists (killing it ends the container) and
+    sleeps. It ignores SIGCHLD (as we do), so the kernel reaps the orphans it
+    inherits; pid 1 of a pid namespace gets no signal it does not handle, so only
+    the host (SIGKILL, from outside) ends it. The test's own process is forked by a
+    zygote later. See tiny_init.py; without it, a forked Python sleeper."""
+    if os.path.exists(tiny_init.PATH):
+        # posix_spawn() shares our memory until the exec: no page tables are copied.
+        return os.posix_spawn(tiny_init.PATH, [tiny_init.PATH], os.environ,
+                              file_actions=[(os.POSIX_SPAWN_CLOSE, fd) for fd in (0, 1, 2)])
+    init = os.fork()
+    if init == 0:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+            process.die_with_parent(0)  # the factory is outside this pid namespace
+            process.set_name("isolate-init")
+            os.closerange(0, 1 << 20)  # no link, no namespace of the host's
+            while True:
+                signal.pause()
+        finally:
+            os._exit(0)
+    return init

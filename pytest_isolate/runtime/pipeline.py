@@ -1,10 +1,12 @@
 """Containers made ahead: the host's side of the factory and the zygotes.
 
-A test's container takes two forks to make: init, from the small factory, builds
-the namespaces and root filesystem (factory.py); the test process, from a zygote,
-joins them and drops its privileges (container.fork_test). Both are done ahead:
-while test N runs, the test process of test N+1 already waits for its job in a
-container of its own, and the factory builds the container of test N+2. A test then
+A test's container takes two steps to make: the small factory builds the
+namespaces and root filesystem and spawns init (factory.py); the test process,
+forked from a zygote, joins them and drops its privileges (container.fork_test).
+Both are done ahead: while test N runs, the test process of test N+1 already waits
+for its job in a container of its own, and the factory builds the container of
+test N+2. The zygote's fork is not waited for: ``Prepared.started`` collects the
+new process when its test is due. A test then
 only costs its own run, as long as the next test asks for the same settings (the
 usual case); a test that asks for others gets new ones, and the ones made ahead
 are thrown away.
@@ -22,8 +24,8 @@ import socket
 
 from . import events, factory
 
-# What a container's init needs to build it (the rest is for the test process).
-BUILD_KEYS = ("entries", "mounts", "hostname", "system_paths", "masks")
+# What the factory needs to build a container (the rest is for the test process).
+BUILD_KEYS = ("entries", "mounts", "hostname")
 
 
 class Prepared:
@@ -44,7 +46,8 @@ class Prepared:
             self.capture_link, container_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
             fds.append(container_end.fileno())
         try:
-            self.test = zygote.start(request, fds + [go_r] + list(namespaces.fds.values()))
+            # The zygote forks while we go on; ``started`` collects the test's pid.
+            self._ticket = zygote.start(request, fds + [go_r] + list(namespaces.fds.values()))
         except BaseException:
             self._close_links()
             os.close(self._go_w)
@@ -56,6 +59,19 @@ class Prepared:
             if container_end is not None:
                 container_end.close()
             namespaces.close()  # the pidfd of its init stays, to end it
+        self.test = 0
+        self.test_pidfd = -1
+
+    def started(self) -> None:
+        """Wait until the test process exists (OSError if it could not start)."""
+        if self.test:
+            return
+        ticket, self._ticket = self._ticket, None
+        try:
+            self.test = self.zygote.started(ticket)
+        except BaseException:
+            self.cancel()
+            raise
         try:
             # The zygote reaps the test only when told: until then its pid is ours.
             self.test_pidfd = os.pidfd_open(self.test)
@@ -78,13 +94,24 @@ class Prepared:
             os.close(self._go_w)
             self._go_w = -1
         self.namespaces.end()
-        self._close_links()
-        os.close(self.test_pidfd)
-        self.zygote.finished.append(self.test)
+        if self.events_fd >= 0:
+            self._close_links()
+        if self.test_pidfd >= 0:
+            os.close(self.test_pidfd)
+            self.test_pidfd = -1
+        if not self.test and self._ticket is not None:
+            try:
+                self.test = self.zygote.started(self._ticket)
+            except OSError:
+                pass
+            self._ticket = None
+        if self.test:
+            self.zygote.finished.append(self.test)
 
     def _close_links(self) -> None:
         os.close(self.events_fd)
         os.close(self.notify_r)
+        self.events_fd = self.notify_r = -1
         if self.capture_link is not None:
             self.capture_link.close()
             self.capture_link = None
@@ -101,10 +128,16 @@ class Pipeline:
         prepared for the same request, else a new one (errors: OSError, InitError)."""
         prepared, self._prepared = self._prepared, None
         if prepared is not None and prepared.request == request and prepared.zygote is zygote:
-            return prepared
+            try:
+                prepared.started()
+                return prepared
+            except OSError:
+                prepared = None  # a new one says why it cannot start
         if prepared is not None:
             prepared.cancel()
-        return Prepared(request, self._container(request), zygote)
+        prepared = Prepared(request, self._container(request), zygote)
+        prepared.started()
+        return prepared
 
     def prepare_next(self, request: dict, zygote) -> None:
         """Make the next test's process now, betting on the same settings."""

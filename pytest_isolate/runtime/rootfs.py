@@ -28,7 +28,7 @@ import errno
 import os
 import stat
 
-from . import syscalls
+from . import syscalls, tiny_init
 from .syscalls import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC, MS_REMOUNT
 
 # Where a container host's per-test scratch tmpfs (overlay upper, work and the new
@@ -39,6 +39,8 @@ SOURCES = "/.pytest-isolate-sources"
 # symlinks) on a tmpfs of its own. It cannot be the stage root itself: overlayfs
 # refuses a lower layer with locked submounts ("failed to clone lowerpath").
 LOWER = "/.pytest-isolate-lower"
+# Where build_test_root mounts a test's root, before the test pivots into it.
+TEST_ROOT = SCRATCH + "/root"
 
 # The mount point the stage tmpfs is attached to in the launcher's private mount
 # namespace. Every host path is opened before it is covered (see build_stage).
@@ -205,6 +207,7 @@ def build_stage(
             elif kind == "devpts":
                 _makedirs(target, owner)
         _makedirs(_join(STAGE_ATTACH, SCRATCH), owner)
+        tiny_init.install(STAGE_ATTACH, owner)
         syscalls.mount(None, lower, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
     finally:
         for fd in fds.values():
@@ -246,11 +249,11 @@ def build_test_root(entries: list[dict], mounts: list[dict]) -> str:
     """Build one test's root under SCRATCH, from the stage the caller sits in.
 
     Runs in a fresh mount namespace owned by the container user namespace. Returns
-    the new root; /proc is mounted later, by pid 1 of the test's pid namespace.
+    the new root (TEST_ROOT); /proc is mounted later, by the test process.
     """
     syscalls.mount(None, "/", None, MS_REC | syscalls.MS_PRIVATE)
     _tmpfs(SCRATCH, "755")
-    upper, work, root = (_join(SCRATCH, d) for d in ("upper", "work", "root"))
+    upper, work, root = _join(SCRATCH, "upper"), _join(SCRATCH, "work"), TEST_ROOT
     for d in (upper, work, root):
         os.mkdir(d)
     # Overlay layers never include submounts: the binds are bound again below.
@@ -298,7 +301,7 @@ def build_test_root(entries: list[dict], mounts: list[dict]) -> str:
 
 
 def mount_proc(root: str) -> None:
-    """Mount a /proc for the caller's pid namespace (call as its pid 1)."""
+    """Mount a /proc for the caller's pid namespace."""
     syscalls.mount("proc", _join(root, "/proc"), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 

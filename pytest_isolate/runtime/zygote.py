@@ -19,6 +19,7 @@ that crashed); tests that finished are reaped in passing.
 
 from __future__ import annotations
 
+import collections
 import marshal
 import os
 import socket
@@ -51,15 +52,26 @@ class Zygote:
         # What the controller writes to cgroup.procs: the pid in its own namespace.
         self.pid = marshal.loads(self.link.recv(64)) or pid
         self.finished: list[int] = []  # tests that are over; the zygote reaps them
+        self._tickets = 0
+        self._pending: collections.deque[int] = collections.deque()  # starts not answered yet
+        self._replies: dict[int, tuple] = {}
 
     def start(self, request: dict, fds: list[int]) -> int:
-        """Fork a test that waits for its job; ``fds`` end with the job pipe's read
-        end and the container's namespaces (factory.NAMESPACE_FILES). Returns the
-        test's pid."""
+        """Ask for a test that waits for its job; ``fds`` end with the job pipe's read
+        end and the container's namespaces (factory.NAMESPACE_FILES). Returns a
+        ticket for ``started``: the zygote forks while the caller goes on."""
         request = dict(request, finished=self.finished)
         socket.send_fds(self.link, [marshal.dumps(("start", request))], fds)
         self.finished = []
-        kind, value = marshal.loads(self.link.recv(MAX_REQUEST))
+        self._tickets += 1
+        self._pending.append(self._tickets)
+        return self._tickets
+
+    def started(self, ticket: int) -> int:
+        """The pid of the test asked for with ``ticket`` (OSError if it could not start)."""
+        while ticket not in self._replies:
+            self._receive()
+        kind, value = self._replies.pop(ticket)
         if kind != "started":
             raise OSError(1, f"the zygote could not start the test: {value}")
         return value
@@ -67,8 +79,23 @@ class Zygote:
     def reap(self, pid: int) -> tuple[int, dict]:
         """The test's wait status and resource usage, once it has ended."""
         self.link.send(marshal.dumps(("reap", pid)))
-        _, status, usage = marshal.loads(self.link.recv(MAX_REQUEST))
-        return status, usage
+        while True:
+            reply = self._receive()
+            if reply is not None:
+                _, status, usage = reply
+                return status, usage
+
+    def _receive(self):
+        """Read one reply: a start's is filed under its ticket (replies come in the
+        order of the requests); a reap's is returned."""
+        message = self.link.recv(MAX_REQUEST)
+        if not message:
+            raise OSError(1, "the zygote is gone")
+        reply = marshal.loads(message)
+        if reply[0] == "exited":
+            return reply
+        self._replies[self._pending.popleft()] = reply
+        return None
 
 
 def _serve(link: socket.socket, prepare) -> None:
