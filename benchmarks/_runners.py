@@ -59,7 +59,7 @@ def applies(runner: Runner, w: Workload, cap: int, full: bool) -> str | None:
     if w.workers and not runner.xdist:
         return ""  # xdist is not this runner's business: an empty cell
     if runner.per_process:
-        if w.kind == "heavy" and not full:
+        if w.kind in ("heavy", "sleepy") and not full:
             return "capped"
         if w.tests > cap:
             return "capped"

@@ -16,6 +16,7 @@ HEAVY_IMPORTS = (
 ).split()
 # ≈ 150 MB of small, GC-tracked objects (measured: ≈ 375 bytes an entry on CPython 3.11).
 HEAVY_ENTRIES = 400_000
+SLEEP = 0.02  # seconds per sleepy test
 
 MEMORY_PROBE = '''
 def _memory():
@@ -41,11 +42,16 @@ class Workload:
     directory: str  # name of the suite's directory
     tests: int
     workers: int = 0  # xdist -n
-    kind: str = "trivial"  # trivial | heavy | memory | one-id
+    kind: str = "trivial"  # trivial | heavy | sleepy | memory | one-id
 
 
 def _trivial(count: int) -> str:
     return "".join(f"def test_{i}():\n    pass\n\n\n" for i in range(count))
+
+
+def _sleepy(count: int) -> str:
+    """Tests that wait rather than compute: the cores stay free for -n 2 to use."""
+    return "import time\n\n\n" + "".join(f"def test_{i}():\n    time.sleep({SLEEP})\n\n\n" for i in range(count))
 
 
 def _heavy(count: int) -> str:
@@ -80,6 +86,8 @@ def generate(root: str, workloads: list[Workload]) -> None:
             source = _heavy(w.tests)
         elif w.kind == "memory":
             source = _memory(w.tests)
+        elif w.kind == "sleepy":
+            source = _sleepy(w.tests)
         elif w.kind == "one-id":  # a node id picked from a 100-test module
             source = _trivial(100)
         else:
@@ -89,7 +97,8 @@ def generate(root: str, workloads: list[Workload]) -> None:
 
 
 def module_name(w: Workload) -> str:
-    return {"heavy": "test_heavy.py", "memory": "test_memory.py"}.get(w.kind, "test_trivial.py")
+    return {"heavy": "test_heavy.py", "memory": "test_memory.py",
+            "sleepy": "test_sleepy.py"}.get(w.kind, "test_trivial.py")
 
 
 def all_workloads(max_n: int) -> list[Workload]:
@@ -100,6 +109,9 @@ def all_workloads(max_n: int) -> list[Workload]:
             Workload("heavy100", "heavy N=100", "heavy_100", 100, kind="heavy")]
     out += [Workload(f"n{n}-x2", f"N={n} -n 2", f"trivial_{n}", n, workers=2)
             for n in sizes if n >= 100]
+    # -n 2 where the cores are free: tests that sleep 20 ms each.
+    out += [Workload("sleepy", "sleepy N=100", "sleepy_100", 100, kind="sleepy"),
+            Workload("sleepy-x2", "sleepy N=100 -n 2", "sleepy_100", 100, workers=2, kind="sleepy")]
     out += [Workload("memory", "memory N=10", "memory_10", 10, kind="memory")]
     # One plain `python -m pytest NODEID` in a 100-test module: what each per-process
     # runner pays at the least per test (target 2).

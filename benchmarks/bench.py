@@ -212,7 +212,7 @@ def main() -> int:
 
     a = Analysis(cells, runners, args.reps)
     cap_note = (f"per-process runners (strict, bwrap, crun, podman) are capped at N ≤ {cap}"
-                + ("" if args.full else " and skip the heavy module") + "; --full runs them all")
+                + ("" if args.full else " and skip the heavy and sleepy modules") + "; --full runs them all")
     tables, notes = build(a, workloads, skipped, None if measure_memory else memory_why, cap_note)
     text = render_text(tables, notes)
     targets = a.targets()

@@ -189,7 +189,7 @@ def lever_gc_freeze():
 def lever_fork_memory():
     """fork from a small process
     A: fork + _exit + waitpid from a process holding 150 MB of small Python objects (a test module's process).
-    B: the same from a process holding 30 MB: why container inits are forked from a small factory and tests from a zygote.
+    B: the same from a process holding 30 MB: why containers are built by a small factory and tests forked from a zygote.
     """
     big, small = Forker(lambda: ballast(150)), Forker(lambda: ballast(30))
     try:

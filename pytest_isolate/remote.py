@@ -23,7 +23,7 @@ The host collects the session once. For each test it takes a container that the
 init factory built ahead (runtime/factory.py) and has its zygote fork the test into
 it (runtime.container.fork_test). The payload either runs the collected item in the
 forked process (mode "fork") or execs a fresh interpreter that collects and runs just
-that node id (mode "fresh", see ``fresh_main``). The test writes its events to a memfd
+that node id (mode "fresh", see fresh.py). The test writes its events to a memfd
 and wakes the host once, when it has finished (runtime.container.Supervisor).
 """
 
@@ -106,7 +106,7 @@ def _capture_fds(config: pytest.Config) -> set[int]:
     return fds
 
 
-def _capture_files(config: pytest.Config) -> list[int]:
+def capture_files(config: pytest.Config) -> list[int]:
     """The fds of the files pytest captures stdout and stderr into (fd capture only)."""
     capturing = getattr(config.pluginmanager.getplugin("capturemanager"), "_global_capturing", None)
     fds = []
@@ -118,16 +118,8 @@ def _capture_files(config: pytest.Config) -> list[int]:
     return fds
 
 
-def _pass_capture_files(config: pytest.Config, link_fd: int) -> None:
-    """Mode "fresh": give the host our capture files, then close the link."""
-    with socket.socket(fileno=link_fd) as link:
-        fds = _capture_files(config)
-        if fds:
-            socket.send_fds(link, [b"stdout,stderr"], fds)
-
-
 def _read_passed_capture(link: socket.socket) -> tuple[str, str]:
-    """What the fresh interpreter had captured when it died (see _pass_capture_files)."""
+    """What the fresh interpreter had captured when it died (see fresh.pass_capture_files)."""
     link.setblocking(False)  # recv_fds() ignores its flags argument before Python 3.12
     try:
         _, fds, _, _ = socket.recv_fds(link, 64, 2)
@@ -400,40 +392,10 @@ class Host(ContainerReporter):
             for fd in (events_fd, notify_w, self.crash_fd, link_fd):
                 os.set_inheritable(fd, True)
             os.environ[JOB_ENV] = json.dumps(job)
-            boot = "from pytest_isolate.remote import fresh_main; fresh_main()"
+            boot = "from pytest_isolate.fresh import main; main()"
             os.execv(sys.executable, [sys.executable, "-c", boot])
 
         return exec_fresh_interpreter
-
-
-class FreshRunner(ContainerReporter):
-    """Mode "fresh": a new interpreter that collects and runs a single node id."""
-
-    def __init__(self, config: pytest.Config, job: dict) -> None:
-        super().__init__(config)
-        self.job = job
-
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_runtestloop(self, session: pytest.Session) -> bool:
-        job = self.job
-        items = [i for i in session.items if i.nodeid == job["nodeid"]]
-        if not items:
-            events.send(job["event_fd"], "not_collected", {"message": "not collected by a fresh pytest"})
-            return True
-        _pass_capture_files(self.config, job["capture_link_fd"])
-        self.run_item(items[0], job["event_fd"], job["notify_fd"], job["crash_fd"], job["deadline"])
-        return True
-
-
-def fresh_main() -> None:
-    job = json.loads(os.environ.pop(JOB_ENV))
-    sys.path[:] = job["sys_path"]
-    sys.argv[:] = job["argv"]
-    quiet_session_output()
-    config = make_config(job["option_dict"], job["args"], job["workerinput"])
-    config.pluginmanager.register(FreshRunner(config, job), "isolate-fresh")
-    config.hook.pytest_cmdline_main(config=config)
-    os._exit(0)
 
 
 def serve(channel) -> None:
@@ -442,12 +404,26 @@ def serve(channel) -> None:
         channel.send(("host_error", {"message": error}))
         return
     name, start = channel.receive()
-    sys.path[:] = start["sys_path"]
-    sys.argv[:] = start["argv"]  # e.g. doctest.testmod() reads '-v' from it
-    start["session_output_fd"] = quiet_session_output()
-    config = make_config(start["option_dict"], start["args"], start["workerinput"])
-    config.pluginmanager.register(Host(config, channel, start), "isolate-host")
+    try:
+        sys.path[:] = start["sys_path"]
+        sys.argv[:] = start["argv"]  # e.g. doctest.testmod() reads '-v' from it
+        start["session_output_fd"] = quiet_session_output()
+        config = make_config(start["option_dict"], start["args"], start["workerinput"])
+        config.pluginmanager.register(Host(config, channel, start), "isolate-host")
+    except Exception as exc:  # e.g. the project's pytest.toml unreadable in the image
+        channel.send(("host_error", {"message": _start_failure(exc)}))
+        return
     config.hook.pytest_cmdline_main(config=config)
+
+
+def _start_failure(exc: Exception) -> str:
+    """Why pytest could not start in the host, with what the stage noted (a bind that
+    could not be idmapped explains most permission errors)."""
+    message = process.describe_error(exc)
+    if isinstance(exc, OSError) and exc.filename:
+        message += f": {exc.filename}"
+    notes = json.loads(os.environ.get(HOST_NOTES_ENV, "[]"))
+    return "; ".join([f"pytest could not start there ({message})"] + notes)
 
 
 if __name__ == "__channelexec__":

@@ -6,6 +6,7 @@ import marshal
 import os
 import signal
 import struct
+import sys
 import time
 
 import pytest
@@ -119,3 +120,34 @@ def test_the_tiny_init_is_a_static_program_that_sleeps_until_killed(tmp_path) ->
 def test_no_tiny_init_where_there_is_no_machine_code() -> None:
     assert tiny_init.program("riscv64") is None
     assert tiny_init.program("x86_64")[:4] == b"\x7fELF"
+
+
+def test_a_host_that_cannot_start_pytest_reports_why_with_the_stage_notes(monkeypatch) -> None:
+    """e.g. root on Linux < 6.3 with the project on tmpfs: the bind is not idmapped, so
+    container root cannot read the project's pytest.toml; the note says why."""
+    from pytest_isolate import remote
+    from pytest_isolate.runtime import launch
+
+    def unreadable(*args):
+        raise PermissionError(13, "Permission denied", "/project/pytest.toml")
+
+    sent = []
+
+    class Channel:
+        def receive(self):
+            return "start", {"sys_path": list(sys.path), "argv": list(sys.argv), "option_dict": {}, "args": [],
+                             "workerinput": {}}
+
+        def send(self, message):
+            sent.append(message)
+
+    monkeypatch.setattr(remote, "make_config", unreadable)
+    monkeypatch.setattr(remote, "quiet_session_output", lambda: 1)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setenv(launch.HOST_NOTES_ENV, '["/project is not idmapped (Invalid argument (errno 22))"]')
+    monkeypatch.delenv(launch.HOST_ERROR_ENV, raising=False)
+    remote.serve(Channel())
+    assert sent == [("host_error", {"message": "pytest could not start there (Permission denied (errno 13): "
+                                               "/project/pytest.toml); /project is not idmapped "
+                                               "(Invalid argument (errno 22))"})]

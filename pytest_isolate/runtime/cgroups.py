@@ -27,7 +27,7 @@ import time
 PREFIX = "pytest-isolate-"
 CFS_PERIOD_US = 100_000
 # Processes of the runtime in the group, outside the container: the limits zygote.
-# It stands in for the container's init, which the factory forks outside the group,
+# It stands in for the container's init, which the factory spawns outside the group,
 # so that ``pids`` still counts the container's processes with its init, as in Docker.
 RUNTIME_PIDS = 0
 
