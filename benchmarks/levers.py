@@ -191,14 +191,18 @@ def lever_fork_memory():
     A: fork + _exit + waitpid from a process holding 150 MB of small Python objects (a test module's process).
     B: the same from a process holding 30 MB: why containers are built by a small factory and tests forked from a zygote.
     """
-    big, small = Forker(lambda: ballast(150)), Forker(lambda: ballast(30))
+    return compare_forkers(lambda: ballast(150), lambda: ballast(30))
+
+def compare_forkers(setup_a, setup_b) -> list[dict]:
+    """fork + exit + wait from a Forker set up by setup_a (A) and one by setup_b (B)."""
+    fa, fb = Forker(setup_a), Forker(setup_b)
     try:
         n = iterations(150)
-        a, b = interleave(n, big.fork, small.fork)
+        a, b = interleave(n, fa.fork, fb.fork)
     finally:
-        big.close()
-        small.close()
-    note = f"RSS {big.rss:.0f} vs {small.rss:.0f} MB; {n} runs each"
+        fa.close()
+        fb.close()
+    note = f"RSS {fa.rss:.0f} vs {fb.rss:.0f} MB; {n} runs each"
     return rows(a, b, ("fork + exit + wait, wall", "time", note),
                 ("forking process's CPU", "time", ""), ("child's CPU (mostly its exit)", "time", ""))
 
@@ -487,16 +491,7 @@ def lever_hugepages():
             raise NotRun("MADV_COLLAPSE collapsed nothing (Linux < 6.1, or transparent huge pages off)")
         return heap
 
-    small, huge = Forker(lambda: ballast(150)), Forker(collapsed)
-    try:
-        n = iterations(150)
-        a, b = interleave(n, small.fork, huge.fork)
-    finally:
-        small.close()
-        huge.close()
-    note = f"RSS {small.rss:.0f} vs {huge.rss:.0f} MB; {n} runs each"
-    return rows(a, b, ("fork + exit + wait, wall", "time", note),
-                ("forking process's CPU", "time", ""), ("child's CPU (mostly its exit)", "time", ""))
+    return compare_forkers(lambda: ballast(150), collapsed)
 
 LEVERS = [lever_pid_ns, lever_gc_freeze, lever_fork_memory, lever_seccomp, lever_cgroup_v1,
           lever_loopback, lever_overlay, lever_teardown, lever_events, lever_tiny_init, lever_hugepages]

@@ -400,3 +400,23 @@ def test_isolate_flag_isolates_every_kind_of_test(pytester, run, how) -> None:
     # The doctest's own check (pid 2, hostname 'isolated') fails without the plugin.
     plain = run("--doctest-modules", "-p", "no:isolate")
     assert (plain.parseoutcomes()["passed"], plain.parseoutcomes()["failed"]) == (4, 1)
+
+
+@pytest.mark.needs_root
+def test_a_read_only_mount_that_cannot_be_idmapped_is_bound_plainly_with_a_note(pytester, run) -> None:
+    """As root, read-only sources are idmapped to container root; sysfs cannot be
+    (no filesystem support): it is bound as it is, and the summary says why."""
+    pytester.makepyfile(
+        """
+        import os, pytest
+
+        @pytest.mark.isolated(mounts=["/sys/kernel/mm:/mnt/mm:ro"])
+        def test_bound():
+            assert "transparent_hugepage" in os.listdir("/mnt/mm")
+        """
+    )
+    result = run()
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*note: /sys/kernel/mm is not idmapped (sysfs: *): container root reads it as an "
+                                 "unprivileged uid; its filesystem needs idmapped mounts (tmpfs: Linux 6.3+), "
+                                 "or make it world-readable*"])

@@ -189,8 +189,9 @@ def build_stage(
                                                attrs | (syscalls.MOUNT_ATTR_RDONLY if readonly else 0))
                         continue
                     except OSError as exc:
-                        notes.append(f"{entry['src']} is not idmapped ({exc}): container root "
-                                     "reads it as an unprivileged uid")
+                        notes.append(f"{entry['src']} is not idmapped ({_fs_type(fd)}: {exc.strerror}): "
+                                     "container root reads it as an unprivileged uid; its filesystem needs "
+                                     "idmapped mounts (tmpfs: Linux 6.3+), or make it world-readable")
                 extra = 0 if kind == "dev" else MS_NOSUID | MS_NODEV
                 _bind(f"/proc/self/fd/{fd}", target, readonly, extra)
             elif kind == "tmpfs":
@@ -216,6 +217,20 @@ def build_stage(
     # The skeleton itself is never written after this: each test writes to its overlay.
     syscalls.mount(None, "/", None, MS_BIND | MS_REMOUNT | MS_RDONLY | _locked_flags("/"))
     return notes
+
+
+def _fs_type(fd: int) -> str:
+    """The filesystem type of the mount ``fd`` lies on (from mountinfo), for notes."""
+    try:
+        mount_id = next(line.split()[1] for line in open(f"/proc/self/fdinfo/{fd}") if line.startswith("mnt_id:"))
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if fields[0] == mount_id:
+                    return fields[fields.index("-") + 1]
+    except (OSError, StopIteration, ValueError):
+        pass
+    return "unknown filesystem"
 
 
 def _skeleton(lower: str, entry: dict, fds: dict[str, int], owner: tuple[int, int]) -> None:
