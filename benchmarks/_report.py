@@ -150,11 +150,12 @@ class Analysis:
                 break
         else:
             out.append(("n/a", "-n 2 vs -n 0 wall, default mode: not measured"))
-        x2, x0 = self.m("default", "sleepy-x2"), self.m("default", "sleepy")
+        x2 = self.slope("default", "sleepy20-x2", "sleepy100-x2", 80)
+        x0 = self.slope("default", "sleepy20", "sleepy100", 80)
         if x2 is not None and x0 is not None:
             out.append((_verdict(x2 / x0 <= 0.6),
-                        f"-n 2 vs -n 0 wall, default mode, 100 tests sleeping 20 ms (cores free): "
-                        f"{x2:.2f} s / {x0:.2f} s = {x2 / x0:.2f} (goal 0.5, PASS ≤ 0.6)"))
+                        f"-n 2 vs -n 0 per-test wall (slope 20→100), default mode, tests sleeping 50 ms "
+                        f"(cores free): {ms(x2)} / {ms(x0)} = {x2 / x0:.2f} (goal 0.5, PASS ≤ 0.6)"))
         starts = self.host_startups("default")
         if starts:
             text = ", ".join(f"{w} {s:.2f} s" + (f" (RSS {r:.1f} MiB)" if r else "") for w, s, r in starts)

@@ -16,7 +16,7 @@ HEAVY_IMPORTS = (
 ).split()
 # ≈ 150 MB of small, GC-tracked objects (measured: ≈ 375 bytes an entry on CPython 3.11).
 HEAVY_ENTRIES = 400_000
-SLEEP = 0.02  # seconds per sleepy test
+SLEEP = 0.05  # seconds per sleepy test
 
 MEMORY_PROBE = '''
 def _memory():
@@ -109,9 +109,10 @@ def all_workloads(max_n: int) -> list[Workload]:
             Workload("heavy100", "heavy N=100", "heavy_100", 100, kind="heavy")]
     out += [Workload(f"n{n}-x2", f"N={n} -n 2", f"trivial_{n}", n, workers=2)
             for n in sizes if n >= 100]
-    # -n 2 where the cores are free: tests that sleep 20 ms each.
-    out += [Workload("sleepy", "sleepy N=100", "sleepy_100", 100, kind="sleepy"),
-            Workload("sleepy-x2", "sleepy N=100 -n 2", "sleepy_100", 100, workers=2, kind="sleepy")]
+    # -n 2 where the cores are free: tests that sleep 50 ms each, 20 and 100 of them
+    # (the per-test slope leaves xdist's start-up out).
+    out += [Workload(f"sleepy{n}{x}", f"sleepy N={n}" + (" -n 2" if x else ""), f"sleepy_{n}", n,
+                     workers=2 if x else 0, kind="sleepy") for n in (20, 100) for x in ("", "-x2")]
     out += [Workload("memory", "memory N=10", "memory_10", 10, kind="memory")]
     # One plain `python -m pytest NODEID` in a 100-test module: what each per-process
     # runner pays at the least per test (target 2).
