@@ -34,8 +34,9 @@ already-collected pytest item in the forked process; in the strict mode it execs
 fresh interpreter. Both modes share every step above.
 
 Killing init ends the container: the kernel kills every process of its pid
-namespace, and with the last one every mount and namespace goes. Each process asks
-for SIGKILL when its parent dies, so a SIGKILLed pytest takes it all down too.
+namespace, and with the last one every mount and namespace goes. Each process of
+the tree asks for SIGKILL when its parent dies, and every pid namespace of the
+containers lies below the host's, so a SIGKILLed pytest takes it all down too.
 """
 
 from __future__ import annotations
