@@ -151,3 +151,34 @@ def test_a_host_that_cannot_start_pytest_reports_why_with_the_stage_notes(monkey
     assert sent == [("host_error", {"message": "pytest could not start there (Permission denied (errno 13): "
                                                "/project/pytest.toml); /project is not idmapped "
                                                "(Invalid argument (errno 22))"})]
+
+
+def test_without_the_tiny_init_a_forked_python_sleeper_is_pid_1() -> None:
+    """The factory's fallback (no machine code for this CPU, or the exec refused):
+    run in a forked child that has a user and pid namespace of its own."""
+    from pytest_isolate.runtime import factory, syscalls, user_ns
+
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            user_ns.enter()
+            signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # as in the factory
+            syscalls.unshare(syscalls.CLONE_NEWPID)
+            factory._tiny_init_works.clear()
+            init = factory._spawn_init()
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                with open(f"/proc/{init}/stat") as f:
+                    fields = f.read().split()
+                with open(f"/proc/{init}/status") as f:
+                    nspid = next(line.split()[1:] for line in f if line.startswith("NSpid:"))
+                if fields[2] == "S" and fields[1] == "(isolate-init)":
+                    break
+                time.sleep(0.01)
+            os.kill(init, signal.SIGKILL)
+            code = 0 if fields[1:3] == ["(isolate-init)", "S"] and nspid[-1] == "1" else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -180,22 +180,28 @@ def _go_home(home: dict[str, int]) -> None:
         os._exit(125)
 
 
+_tiny_init_works = [True]
+
+
 def _spawn_init() -> int:
     """pid 1 of the container: it only exists (killing it ends the container) and
     sleeps. It ignores SIGCHLD (as we do), so the kernel reaps the orphans it
     inherits; pid 1 of a pid namespace gets no signal it does not handle, so only
     the host (SIGKILL, from outside) ends it. The test's own process is forked by a
     zygote later. See tiny_init.py; without it, a forked Python sleeper."""
-    if os.path.exists(tiny_init.PATH):
-        # posix_spawn() shares our memory until the exec: no page tables are copied.
-        return os.posix_spawn(tiny_init.PATH, [tiny_init.PATH], os.environ,
-                              file_actions=[(os.POSIX_SPAWN_CLOSE, fd) for fd in (0, 1, 2)])
+    if _tiny_init_works and os.path.exists(tiny_init.PATH):
+        try:
+            # posix_spawn() shares our memory until the exec: no page tables are copied.
+            return os.posix_spawn(tiny_init.PATH, [tiny_init.PATH], os.environ,
+                                  file_actions=[(os.POSIX_SPAWN_CLOSE, fd) for fd in (0, 1, 2)])
+        except OSError:  # e.g. a security module forbids the exec: fork from now on
+            _tiny_init_works.clear()
     init = os.fork()
     if init == 0:
         try:
             process.die_with_parent(0)  # the factory is outside this pid namespace
             process.set_name("isolate-init")
-            os.closerange(0, 1 << 20)  # no link, no namespace of the host's
+            process.close_fds_except(set())  # no link, no namespace of the host's
             while True:
                 signal.pause()
         finally:
