@@ -92,6 +92,18 @@ def test_the_host_image_binds_system_and_project_read_only_but_never_proc_or_dev
     assert any(prefix.startswith(d + "/") for d in binds), "the interpreter's stdlib is bound"
 
 
+def _init_asleep(pid: int, timeout: float = 5) -> list[str]:
+    """[name, state] of ``pid`` from /proc/PID/stat, once it is an isolate-init that
+    sleeps (or when ``timeout`` is up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(f"/proc/{pid}/stat") as f:
+            seen = f.read().split()[1:3]
+        if seen == ["(isolate-init)", "S"] or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.01)
+
+
 @pytest.mark.skipif(tiny_init.program() is None, reason="no machine code for this architecture")
 def test_the_tiny_init_is_a_static_program_that_sleeps_until_killed(tmp_path) -> None:
     path = tmp_path / "isolate-init"
@@ -99,14 +111,7 @@ def test_the_tiny_init_is_a_static_program_that_sleeps_until_killed(tmp_path) ->
     path.chmod(0o755)
     pid = os.posix_spawn(str(path), [str(path)], {})
     try:
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().split()
-            if fields[2] == "S":
-                break
-            time.sleep(0.01)
-        assert fields[1:3] == ["(isolate-init)", "S"]
+        assert _init_asleep(pid) == ["(isolate-init)", "S"]
         with open(f"/proc/{pid}/maps") as f:
             maps = f.read().splitlines()
         assert not any(".so" in line for line in maps), maps  # static: no loader, no libc
@@ -167,17 +172,11 @@ def test_without_the_tiny_init_a_forked_python_sleeper_is_pid_1() -> None:
             syscalls.unshare(syscalls.CLONE_NEWPID)
             factory._tiny_init_works.clear()
             init = factory._spawn_init()
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                with open(f"/proc/{init}/stat") as f:
-                    fields = f.read().split()
-                with open(f"/proc/{init}/status") as f:
-                    nspid = next(line.split()[1:] for line in f if line.startswith("NSpid:"))
-                if fields[2] == "S" and fields[1] == "(isolate-init)":
-                    break
-                time.sleep(0.01)
+            asleep = _init_asleep(init)
+            with open(f"/proc/{init}/status") as f:
+                nspid = next(line.split()[1:] for line in f if line.startswith("NSpid:"))
             os.kill(init, signal.SIGKILL)
-            code = 0 if fields[1:3] == ["(isolate-init)", "S"] and nspid[-1] == "1" else 2
+            code = 0 if asleep == ["(isolate-init)", "S"] and nspid[-1] == "1" else 2
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)

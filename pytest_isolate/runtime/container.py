@@ -49,7 +49,7 @@ import socket
 import time
 from typing import Callable
 
-from . import capabilities, events, landlock, network, process, rootfs, seccomp, syscalls, user_ns
+from . import capabilities, events, factory, landlock, network, process, rootfs, seccomp, syscalls, user_ns
 
 # The host's own namespaces; CLONE_NEWPID makes its first child (the host) pid 1.
 HOST_NAMESPACES = syscalls.CLONE_NEWNET | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC | syscalls.CLONE_NEWPID
@@ -171,8 +171,7 @@ def _test(namespace_fds: dict, config: dict, payload, go_fd: int, event_fd: int,
     if test_process_name:
         process.set_name(test_process_name)
     # setns() needs a single-threaded caller: a forked child is one.
-    for name, kind in (("mnt", syscalls.CLONE_NEWNS), ("net", syscalls.CLONE_NEWNET),
-                       ("uts", syscalls.CLONE_NEWUTS), ("ipc", syscalls.CLONE_NEWIPC)):
+    for name, kind in factory.JOINED_NAMESPACES:
         syscalls.setns(namespace_fds[name], kind)
     enter_root(config)
     # A cgroup namespace of its own, rooted where the test was born (its limits group).

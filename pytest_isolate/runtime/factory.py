@@ -34,7 +34,11 @@ import socket
 from . import process, syscalls, tiny_init
 
 MAX_MESSAGE = 1 << 22
-NAMESPACE_FILES = ("pid", "mnt", "net", "uts", "ipc")
+# The namespaces the factory makes for a container (and leaves after), which the
+# test process joins; its pid namespace is made apart, for init.
+JOINED_NAMESPACES = (("mnt", syscalls.CLONE_NEWNS), ("net", syscalls.CLONE_NEWNET),
+                     ("uts", syscalls.CLONE_NEWUTS), ("ipc", syscalls.CLONE_NEWIPC))
+NAMESPACE_FILES = ("pid",) + tuple(name for name, _ in JOINED_NAMESPACES)
 
 
 class Namespaces:
@@ -122,7 +126,7 @@ def serve(link: socket.socket, build) -> None:
     # user namespace: as root, the stage's belongs to the initial one, and setns()
     # back into it would need real root.
     syscalls.unshare(syscalls.CLONE_NEWNS)
-    home = {name: os.open(f"/proc/self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC) for name, _ in _JOINED}
+    home = _open_namespaces({})
     while True:
         message = link.recv(MAX_MESSAGE)
         if not message:
@@ -143,18 +147,12 @@ def serve(link: socket.socket, build) -> None:
                 os.close(fd)
 
 
-# The namespaces the factory enters to build a container, and leaves after.
-_JOINED = (("mnt", syscalls.CLONE_NEWNS), ("net", syscalls.CLONE_NEWNET),
-           ("uts", syscalls.CLONE_NEWUTS), ("ipc", syscalls.CLONE_NEWIPC))
-
-
 def _container(config: dict, build) -> list[int]:
     """Build one container around the factory; its namespace fds and init's pidfd."""
-    syscalls.unshare(sum(kind for _, kind in _JOINED))
+    syscalls.unshare(sum(kind for _, kind in JOINED_NAMESPACES))
     fds: dict[str, int] = {}
     try:
-        for name, _ in _JOINED:
-            fds[name] = os.open(f"/proc/self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        _open_namespaces(fds)
         build(config)
         # unshare(CLONE_NEWPID) applies to the caller's next children only: init is
         # the first, pid 1 of the namespace, born in the namespaces built above.
@@ -169,11 +167,18 @@ def _container(config: dict, build) -> list[int]:
     return [fds[name] for name in NAMESPACE_FILES] + [fds["init"]]
 
 
+def _open_namespaces(fds: dict[str, int]) -> dict[str, int]:
+    """Add fds of the caller's JOINED_NAMESPACES to ``fds`` (by name, as they open)."""
+    for name, _ in JOINED_NAMESPACES:
+        fds[name] = os.open(f"/proc/self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    return fds
+
+
 def _go_home(home: dict[str, int]) -> None:
     """Back to the factory's own namespaces (and root): a failure here would build
     the next container inside this one, so it ends the factory."""
     try:
-        for name, kind in _JOINED:
+        for name, kind in JOINED_NAMESPACES:
             syscalls.setns(home[name], kind)
         syscalls.setns(process.own_pid_namespace(), syscalls.CLONE_NEWPID)
     except OSError:

@@ -17,6 +17,7 @@ nothing changes.
 from __future__ import annotations
 
 import ctypes
+import errno
 import time
 
 from .syscalls import libc
@@ -62,7 +63,7 @@ def collapse(budget: float = 1.0) -> int:
             continue
         if libc.madvise(first, last - first, MADV_COLLAPSE) == 0:
             collapsed += last - first
-        elif ctypes.get_errno() == 22:  # EINVAL: this kernel cannot
+        elif ctypes.get_errno() == errno.EINVAL:  # this kernel cannot
             break
         if time.monotonic() > deadline:
             break

@@ -208,7 +208,7 @@ def build_stage(
             elif kind == "devpts":
                 _makedirs(target, owner)
         _makedirs(_join(STAGE_ATTACH, SCRATCH), owner)
-        tiny_init.install(STAGE_ATTACH, owner)
+        _install_tiny_init(owner)
         syscalls.mount(None, lower, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
     finally:
         for fd in fds.values():
@@ -219,10 +219,27 @@ def build_stage(
     return notes
 
 
+def _install_tiny_init(owner: tuple[int, int]) -> None:
+    """The containers' init (tiny_init.py), where the factory spawns it from."""
+    program = tiny_init.program()
+    if program is None:
+        return
+    path = _join(STAGE_ATTACH, tiny_init.PATH)
+    _makedirs(os.path.dirname(path), owner)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o755)
+    try:
+        os.write(fd, program)
+        os.fchmod(fd, 0o755)  # the umask must not narrow it
+        os.fchown(fd, *owner)
+    finally:
+        os.close(fd)
+
+
 def _fs_type(fd: int) -> str:
     """The filesystem type of the mount ``fd`` lies on (from mountinfo), for notes."""
     try:
-        mount_id = next(line.split()[1] for line in open(f"/proc/self/fdinfo/{fd}") if line.startswith("mnt_id:"))
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            mount_id = next(line.split()[1] for line in f if line.startswith("mnt_id:"))
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 fields = line.split()

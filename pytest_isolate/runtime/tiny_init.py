@@ -8,8 +8,8 @@ does the same at ≈ 2 ms of CPU per container (the fork, its copy-on-write faul
 and its exit); spawning this costs ≈ 0.1 ms, and as a process of its own it shares
 no memory with the factory.
 
-The program is one loop: ``pause(); goto loop``. It is written to the image stage
-(rootfs.build_stage) at PATH, whose last component is what ps shows. Only x86_64 has
+The program is one loop: ``pause(); goto loop``. rootfs.build_stage writes it into
+the image stage at PATH, whose last component is what ps shows. Only x86_64 has
 machine code here; elsewhere ``program`` returns None and the factory forks a
 Python sleeper instead (factory._spawn_init).
 """
@@ -53,21 +53,3 @@ def program(machine: str | None = None) -> bytes | None:
     )
     stack = struct.pack("<IIQQQQQQ", 0x6474E551, 6, 0, 0, 0, 0, 0, 16)  # PT_GNU_STACK: not executable
     return elf_header + load_segment + stack + code
-
-
-def install(stage_root: str, owner: tuple[int, int]) -> bool:
-    """Write the program under ``stage_root`` (before the stage turns read-only)."""
-    code = program()
-    if code is None:
-        return False
-    path = stage_root.rstrip("/") + PATH
-    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o755)
-    try:
-        os.write(fd, code)
-        os.fchmod(fd, 0o755)
-    finally:
-        os.close(fd)
-    os.lchown(os.path.dirname(path), *owner)
-    os.lchown(path, *owner)
-    return True
