@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import marshal
 import os
+import select
+import signal
 import sys
 import time
 import uuid
@@ -15,7 +17,7 @@ from typing import Any
 import execnet
 import pytest
 
-from . import images, remote
+from . import boundary, images, remote
 from .limits import Limiter, human
 from .replay import Replay
 from .options import LANDLOCK_WRITABLE, Settings
@@ -30,6 +32,13 @@ HOST_OPTION_OVERRIDES = {
 
 class HostError(Exception):
     """A container host could not start or was lost; the message says why."""
+
+
+# How long after a test's timeout the controller stops waiting for its host (which
+# kills the container at the timeout) and kills the host instead.
+WATCHDOG_GRACE = 30.0
+# A host's messages besides a test's events and output: their longest string.
+MAX_HOST_TEXT = 1 << 20
 
 
 LINK_ERRORS = (EOFError, OSError, execnet.RemoteError, execnet.TimeoutError)
@@ -88,6 +97,7 @@ class ContainerHost:
         self.gateway = None
         self.channel = None
         self._zygote_pid: int | None = None
+        self._host_pidfd: int | None = None
 
     def start(self) -> None:
         started = time.perf_counter()
@@ -110,22 +120,78 @@ class ContainerHost:
         except HostError as exc:
             raise HostError(f"the container host failed while starting ({exc})") from None
         if name == "host_error":
+            message = boundary.text(data.get("message") if isinstance(data, dict) else None, "the host's error",
+                                    MAX_HOST_TEXT, none=True)
             raise HostError(
-                f"the container host could not be built: {data['message']}\n"
+                f"the container host could not be built: {message}\n"
                 "Run `python -m pytest_isolate doctor` to see what this machine offers."
             )
         if name != "ready":
-            raise HostError(f"the container host answered {name!r} instead of starting")
-        self.collected = data.get("collected", 0)
-        self.rss = data.get("rss")
-        self.notes = data.get("notes", [])
+            raise HostError(f"the container host answered {name[:40]!r} instead of starting")
+        try:
+            data = boundary.mapping(data, "the host's start")
+            self.collected = boundary.integer(data.get("collected", 0), "the number collected", 0, 1 << 40)
+            self.rss = boundary.integer(data.get("rss"), "the host's memory", 0, 1 << 62, none=True)
+            self.notes = [boundary.text(n, "a note", MAX_HOST_TEXT) for n in
+                          boundary.sequence(data.get("notes", []), "the host's notes")][:100]
+            self._watch(boundary.integer(data.get("host_pid"), "the host's pid", 1, 1 << 30, none=True))
+        except boundary.Tampering as exc:
+            self.kill()
+            raise HostError(f"the container host sent a broken start message ({exc})") from None
         self.start_seconds = time.perf_counter() - started
 
-    def _receive(self, timeout: float | None = None) -> tuple[str, dict]:
+    def _watch(self, pid: int | None) -> None:
+        """Keep a pidfd of the host process (pid as this controller sees it), checked
+        to be the launcher's child: the host says which pid it is, and is not trusted."""
+        launcher = self._launcher()
+        if pid is None or launcher is None:
+            return
         try:
-            return self.channel.receive(timeout)
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                parent = next((line.split()[1] for line in f if line.startswith("PPid:")), "")
+        except OSError:
+            parent = ""
+        if parent != str(launcher.pid):
+            os.close(fd)
+            return
+        self._host_pidfd = fd
+
+    def _launcher(self):
+        return getattr(getattr(self.gateway, "_io", None), "popen", None)
+
+    def kill(self) -> None:
+        """End this host and every container in it, and return once they are gone:
+        the host is pid 1 of the pid namespace every container lies below, so when its
+        process has exited, so has every process of its containers."""
+        launcher = self._launcher()
+        pidfd, self._host_pidfd = self._host_pidfd, None
+        try:
+            if pidfd is not None:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            if launcher is not None:
+                launcher.kill()  # the host dies with it (a parent-death signal), if not yet
+            if pidfd is not None:
+                select.select([pidfd], [], [], 10)
+            if launcher is not None:
+                launcher.wait(10)
+        except (OSError, ValueError, TimeoutError, Exception):  # noqa: BLE001 - it is gone or going
+            pass
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+
+    def _receive(self, timeout: float | None = None) -> tuple[str, Any]:
+        try:
+            message = self.channel.receive(timeout)
         except LINK_ERRORS as exc:
             raise _lost_link(exc) from None
+        if not (isinstance(message, tuple) and len(message) == 2 and isinstance(message[0], str)):
+            raise HostError("the container host sent something that is not a message")
+        return message
 
     def _send(self, message: tuple[str, dict]) -> None:
         try:
@@ -134,48 +200,61 @@ class ContainerHost:
             raise _lost_link(exc) from None
 
     def zygote_pid(self) -> int:
-        """The pid of the host's limits zygote (started on first use)."""
+        """The pid of the host's limits zygote (started on first use): checked to lie in
+        the host's pid namespace, since the controller writes it into cgroup.procs."""
         if self._zygote_pid is None:
             self._send(("zygote", {}))
             name, data = self._receive(60)
-            if name != "zygote":
-                raise HostError(f"the container host answered {name!r} instead of starting its zygote")
-            self._zygote_pid = data["pid"]
+            if name != "zygote" or not isinstance(data, dict):
+                raise HostError(f"the container host answered {name[:40]!r} instead of starting its zygote")
+            pid = data.get("pid")
+            if isinstance(pid, bool) or not isinstance(pid, int) or not self._in_host(pid):
+                raise HostError(f"the container host named a zygote that is not its own ({str(pid)[:20]})")
+            self._zygote_pid = pid
         return self._zygote_pid
 
-    def run(self, nodeid: str, settings: Settings, fresh_arg: str, plan):
-        """Send one test and yield its events; the last one is ("done", {...})."""
+    def _in_host(self, pid: int) -> bool:
+        """Whether ``pid`` (as this controller sees it) lives in the host's pid namespace."""
+        launcher = self._launcher()
+        if launcher is None or pid <= 1:
+            return False
+        try:
+            ns = os.stat(f"/proc/{launcher.pid}/ns/pid_for_children")
+            theirs = os.stat(f"/proc/{pid}/ns/pid")
+        except OSError:
+            return False
+        return (ns.st_dev, ns.st_ino) == (theirs.st_dev, theirs.st_ino)
+
+    def run(self, nodeid: str, settings: Settings, fresh_arg: str, plan, caps: tuple[int, int]):
+        """Send one test and yield what comes back: ("events", bytes) now and then, and
+        last ("done", {...}). Unchecked: the caller checks (see replay.py)."""
         mounts = [
             {"type": "bind", "dst": m.dst, "stage_src": rootfs.source_path(self.controller.source_index(m)),
-             "ro": m.readonly}
+             "ro": m.readonly, "src": m.src}
             for m in settings.mounts
         ]
         landlock = None
         if settings.landlock is not None:
             landlock = list(LANDLOCK_WRITABLE) + [m.dst for m in settings.mounts if not m.readonly]
             landlock += list(settings.landlock)
-        # Per-test messages travel marshal-encoded: execnet then carries one bytes
-        # object instead of serialising nested containers in Python, both ways.
+        events_cap, capture_cap = caps
+        # Per-test messages to the host travel marshal-encoded: execnet then carries
+        # one bytes object instead of serialising nested containers in Python. (The
+        # host decodes what the controller sent; nothing goes the other way so.)
         self._send(("run", marshal.dumps({
             "nodeid": nodeid, "mode": settings.mode, "timeout": settings.timeout, "fresh_arg": fresh_arg,
             "seccomp": self.controller.seccomp_profile(settings.seccomp),
-            "in_zygote": plan.group is not None,
+            "in_zygote": plan.group is not None, "events_cap": events_cap, "capture_cap": capture_cap,
             "container_config": {"hostname": settings.hostname, "env": dict(settings.env),
                                  "mounts": mounts, "cwd": self.cwd, "cap_add": list(settings.cap_add),
                                  "system_paths": settings.system_paths, "landlock": landlock,
                                  "rlimits": [list(limit) for limit in plan.rlimits]},
         })))
-        # The host enforces the timeout; this only guards against a host that hangs.
-        watchdog = None if settings.timeout is None else settings.timeout + 60
+        # The host ends the test at its timeout; this only guards against a host that
+        # does not. The deadline is fixed now: nothing the host sends moves it.
+        deadline = None if settings.timeout is None else time.monotonic() + settings.timeout + WATCHDOG_GRACE
         while True:
-            name, data = self._receive(watchdog)
-            if isinstance(data, bytes):
-                data = marshal.loads(data)
-            if name == "events":  # what a long test reported so far
-                yield from (tuple(event) for event in data)
-                continue
-            if name == "done":  # what the test reported (the rest of it) comes with it
-                yield from (tuple(event) for event in data.pop("events", ()))
+            name, data = self._receive(None if deadline is None else max(deadline - time.monotonic(), 0.001))
             yield name, data
             if name == "done":
                 return
@@ -186,7 +265,18 @@ class ContainerHost:
                 self.channel.send(("shutdown", {}))
                 self.channel.waitclose(10)
             except Exception:
-                pass
+                self.kill()
+        if self._host_pidfd is not None:
+            os.close(self._host_pidfd)
+            self._host_pidfd = None
+
+
+def settings_caps(settings: Settings) -> tuple[int, int]:
+    """(events cap, capture cap) of one test: what its host reads of it, at most.
+    A report carries the captured output of its phases (each section capped in the
+    container), so the events may take several times the capture cap."""
+    capture = settings.capture_limit
+    return 8 * capture + (16 << 20), capture
 
 
 class Controller:
@@ -260,20 +350,28 @@ class Controller:
         return host
 
     def run(self, item: pytest.Item, nextitem: pytest.Item | None, settings: Settings) -> None:
-        replay = Replay(item, settings)
+        caps = settings_caps(settings)
+        replay = Replay(item, settings, *caps)
         try:
             host = self.host_for(settings)
             plan = self.limiter.plan(settings, host)
             if plan.error:
                 replay.host_failed(plan.error)
             else:
-                for name, data in host.run(item.nodeid, settings, self._fresh_arg(item), plan):
-                    replay.handle(name, data)
+                try:
+                    for name, data in host.run(item.nodeid, settings, self._fresh_arg(item), plan, caps):
+                        replay.handle(name, data)
+                except boundary.Tampering as exc:  # the host itself broke the protocol
+                    raise HostError(f"the container host sent a broken message ({exc}); it was killed") from None
                 replay.usage = self.limiter.usage(plan, replay.done)
                 replay.oom = self.limiter.killed_by_oom(plan, replay.usage, replay.done)
                 self.usages.append((item.nodeid, replay.usage.peak_memory, replay.usage.cpu_seconds))
         except HostError as exc:
-            self.hosts.pop((settings.mode, settings.image), None)
+            # A lost, hung or broken host is killed, with its containers, before the
+            # next test runs; the next isolated test starts a new one.
+            lost = self.hosts.pop((settings.mode, settings.image), None)
+            if lost is not None:
+                lost.kill()
             replay.host_failed(str(exc))
         except OSError as exc:  # a cgroup that could not be set up
             replay.host_failed(f"the limits of this test could not be set: {exc}")

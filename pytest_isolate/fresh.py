@@ -2,28 +2,19 @@
 
 Started by the container host's payload (remote.Host._fresh_payload) with its job in
 PYTEST_ISOLATE_JOB; like remote.py it imports nothing of the plugin, and reports
-through the same events (remote.ContainerReporter).
+through the same events (remote.ContainerReporter), into the same files of its own.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 
 import pytest
 
 from pytest_isolate import remote
 from pytest_isolate.runtime import events
-
-
-def pass_capture_files(config: pytest.Config, link_fd: int) -> None:
-    """Mode "fresh": give the host our capture files, then close the link."""
-    with socket.socket(fileno=link_fd) as link:
-        fds = remote.capture_files(config)
-        if fds:
-            socket.send_fds(link, [b"stdout,stderr"], fds)
 
 
 class FreshRunner(remote.ContainerReporter):
@@ -38,10 +29,9 @@ class FreshRunner(remote.ContainerReporter):
         job = self.job
         items = [i for i in session.items if i.nodeid == job["nodeid"]]
         if not items:
-            events.send(job["event_fd"], "not_collected", {"message": "not collected by a fresh pytest"})
+            events.send(job["files"]["events"], "not_collected", {"message": "not collected by a fresh pytest"})
             return True
-        pass_capture_files(self.config, job["capture_link_fd"])
-        self.run_item(items[0], job["event_fd"], job["notify_fd"], job["crash_fd"], job["deadline"])
+        self.run_item(items[0], job["files"], job["deadline"], job["capture_cap"])
         return True
 
 

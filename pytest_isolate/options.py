@@ -18,6 +18,8 @@ DEFAULT_HOSTNAME = "isolated"
 MAX_PROFILE_SIZE = 1 << 20
 PID_MAX_LIMIT = 4194304  # the kernel's largest pids.max
 MAX_INT64 = (1 << 63) - 1
+DEFAULT_CAPTURE_LIMIT = 8 << 20
+MAX_CAPTURE_LIMIT = 1 << 30
 # What stays writable under ``landlock`` (inside the container), besides :rw mounts.
 LANDLOCK_WRITABLE = ("/tmp", "/dev/shm", "/dev/pts", "/dev/null", "/dev/zero", "/dev/full",
                      "/dev/random", "/dev/urandom", "/dev/tty")
@@ -76,6 +78,7 @@ class Settings:
     pids: int | None = None
     ulimits: tuple[tuple[str, int, int], ...] = ()
     limits: str = "strict"
+    capture_limit: int = DEFAULT_CAPTURE_LIMIT
 
     def problem(self) -> tuple[str, str] | None:
         """(option, why) when options that are fine alone do not fit together."""
@@ -389,6 +392,17 @@ def parse_limits_mode(value: Any, base: str) -> str:
     return value
 
 
+def parse_capture_limit(value: Any, base: str) -> int:
+    """What the controller takes of one test's captured output, per stream and report
+    section; the rest is cut off with a marker."""
+    if value is None:
+        return DEFAULT_CAPTURE_LIMIT
+    size = parse_size(value, "capture_limit")
+    if not 4096 <= size <= MAX_CAPTURE_LIMIT:
+        raise OptionError(f"got {_show(value)}; accepted: a size from 4k to 1g (default 8m)")
+    return size
+
+
 @dataclasses.dataclass(frozen=True)
 class Option:
     name: str  # the marker keyword
@@ -437,6 +451,8 @@ OPTIONS = (
            "or core=0", "NAME=SOFT[:HARD]", multiple=True),
     Option("limits", parse_limits_mode, "strict (default): a limit that cannot be enforced fails "
            "the test; best-effort: fall back to rlimits and report it", "strict|best-effort"),
+    Option("capture_limit", parse_capture_limit, "most captured output taken from a test, per stream "
+           "and report section; the rest is cut off with a marker (default: 8m)", "SIZE"),
 )
 BY_NAME = {option.name: option for option in OPTIONS}
 

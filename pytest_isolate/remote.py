@@ -8,23 +8,23 @@ the stdlib-only ``pytest_isolate.runtime``. It speaks small named events:
                          ("run", marshal{nodeid, mode, timeout, container_config, ...})
     host -> controller   ("ready", {...}) | ("host_error", {message})
                          ("zygote", {pid}): the limits zygote, for cgroup.procs
-                         per test, what a long test reported so far (every 0.25 s):
-                           ("events", marshal[(name, data), ...])
-                         then ("done", marshal{status, timed_out, finished, stdout,
-                         stderr, crashlog, duration, rusage, events: the rest})
+                         per test, what a long test wrote so far (every 0.25 s):
+                           ("events", bytes)
+                         then ("done", {status, timed_out, tampered, stdout, stderr,
+                         crashlog, duration, rusage, events: bytes, the rest})
 
-A test's events are ("report", {data}), ("warning", {...}),
-("testsuite_property", {...}), ("session_exit", {...}), ("finished", {usage}), or
-why it could not run: ("container_error", {...}), ("not_collected", {...}),
-("corrupt", {...}). Per-test messages are marshal-encoded: execnet then carries one
-bytes object instead of serialising nested containers in Python.
+What a test writes (its events, its captured output, its crash log) is untrusted:
+the host does not decode it, it only reads it within caps and passes the bytes on;
+the controller checks them (boundary.py). A test's events are ("report", {data}),
+("warning", {...}), ("testsuite_property", {...}), ("session_exit", {...}), or why
+it could not run: ("container_error", {...}), ("not_collected", {...}).
 
 The host collects the session once. For each test it takes a container that the
 init factory built ahead (runtime/factory.py) and has its zygote fork the test into
 it (runtime.container.fork_test). The payload either runs the collected item in the
 forked process (mode "fork") or execs a fresh interpreter that collects and runs just
-that node id (mode "fresh", see fresh.py). The test writes its events to a memfd
-and wakes the host once, when it has finished (runtime.container.Supervisor).
+that node id (mode "fresh", see fresh.py). The test is over when its process has
+ended (runtime/supervisor.py).
 """
 
 from __future__ import annotations
@@ -40,13 +40,16 @@ import time
 
 import pytest
 
-from pytest_isolate.runtime import container, events, factory, hugepages, rootfs
+from pytest_isolate.runtime import events, factory, hugepages, rootfs
 from pytest_isolate.runtime import pipeline as pipeline_module
 from pytest_isolate.runtime import process
+from pytest_isolate.runtime.supervisor import Supervisor, read_capped
 from pytest_isolate.runtime.launch import FACTORY_FD_ENV, HOST_ERROR_ENV, HOST_NOTES_ENV
 from pytest_isolate.runtime import zygote as zygote_module
 
 JOB_ENV = "PYTEST_ISOLATE_JOB"
+DEFAULT_CAPTURE_CAP = 8 << 20
+CRASHLOG_CAP = 1 << 20
 # How long after the timeout (when faulthandler dumps the stack) the container dies.
 KILL_GRACE = 0.25
 
@@ -106,32 +109,32 @@ def _capture_fds(config: pytest.Config) -> set[int]:
     return fds
 
 
-def capture_files(config: pytest.Config) -> list[int]:
-    """The fds of the files pytest captures stdout and stderr into (fd capture only)."""
+def redirect_capture(config: pytest.Config, out_fd: int, err_fd: int) -> None:
+    """Capture into this test's own files (memfds its host reads after a crash),
+    instead of the session's capture files, which every test of the host shares:
+    what a test leaves running cannot write where the next test's output is read.
+
+    pytest's fd capture writes through its temporary file and through fd 1 and 2
+    (dup'ed onto it while capturing): both are pointed at the test's file."""
     capturing = getattr(config.pluginmanager.getplugin("capturemanager"), "_global_capturing", None)
-    fds = []
-    for part in (getattr(capturing, "out", None), getattr(capturing, "err", None)):
+    for part, fd in ((getattr(capturing, "out", None), out_fd), (getattr(capturing, "err", None), err_fd)):
         try:
-            fds.append(part.tmpfile.fileno())
-        except Exception:
-            return []
-    return fds
+            tmpfile = part.tmpfile.fileno()
+        except Exception:  # no fd capture (-s, --capture=sys): nothing to redirect
+            continue
+        targets = [tmpfile]
+        target = getattr(part, "targetfd", None)
+        if isinstance(target, int) and _same_file(target, tmpfile):
+            targets.append(target)
+        for target in targets:
+            os.dup2(fd, target)
 
 
-def _read_passed_capture(link: socket.socket) -> tuple[str, str]:
-    """What the fresh interpreter had captured when it died (see fresh.pass_capture_files)."""
-    link.setblocking(False)  # recv_fds() ignores its flags argument before Python 3.12
+def _same_file(a: int, b: int) -> bool:
     try:
-        _, fds, _, _ = socket.recv_fds(link, 64, 2)
-    except OSError:  # nothing was passed: it died before its test ran
-        return "", ""
-    texts = []
-    for fd in fds:
-        try:
-            texts.append(os.pread(fd, os.fstat(fd).st_size, 0).decode("utf-8", "replace"))
-        finally:
-            os.close(fd)
-    return (texts + ["", ""])[0], (texts + ["", ""])[1]
+        return os.path.sameopenfile(a, b)
+    except OSError:
+        return False
 
 
 def _use_crash_log(config: pytest.Config, crash_fd: int, deadline: float | None) -> None:
@@ -156,11 +159,14 @@ class ContainerReporter:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.event_fd: int | None = None  # set only in a container
+        self.capture_cap = DEFAULT_CAPTURE_CAP
 
     @pytest.hookimpl
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if self.event_fd is not None:
             data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
+            if isinstance(data, dict) and isinstance(data.get("sections"), list):
+                data["sections"] = [_capped_section(section, self.capture_cap) for section in data["sections"]]
             events.send(self.event_fd, "report", {"data": data})
 
     @pytest.fixture
@@ -185,23 +191,37 @@ class ContainerReporter:
                 "nodeid": nodeid, "location": location,
             })
 
-    def run_item(self, item: pytest.Item, event_fd: int, notify_fd: int, crash_fd: int, deadline) -> None:
-        """Run one collected item in this process, inside its container."""
-        self.event_fd = event_fd
-        _use_crash_log(self.config, crash_fd, deadline)
+    def run_item(self, item: pytest.Item, files: dict, deadline, capture_cap: int) -> None:
+        """Run one collected item in this process, inside its container. ``files``:
+        the test's own fds ("events", "stdout", "stderr", "crashlog")."""
+        self.event_fd = files["events"]
+        self.capture_cap = capture_cap
+        redirect_capture(self.config, files["stdout"], files["stderr"])
+        _use_crash_log(self.config, files["crashlog"], deadline)
         if self.config.getoption("capture") == "no":
             sys.stdout = sys.__stdout__
         try:
             self.config.hook.pytest_runtest_protocol(item=item, nextitem=None)
         except pytest.exit.Exception as exc:
-            events.send(event_fd, "session_exit", {"reason": exc.msg, "returncode": exc.returncode})
-        # The host may take the next test as soon as this one says it is finished:
-        # nothing of this process may reach the shared capture or crash files after.
+            events.send(self.event_fd, "session_exit", {"reason": exc.msg, "returncode": exc.returncode})
         faulthandler.cancel_dump_traceback_later()
         sys.stdout.flush()
         sys.stderr.flush()
-        events.send(event_fd, "finished", {"usage": container.own_usage()})
-        os.write(notify_fd, b"finished")  # the one time the test wakes its host
+        # The host takes the end of this process as the end of the test.
+
+
+def _capped_section(section, cap: int):
+    """A report section ``(title, content)`` with its content cut at ``cap`` bytes."""
+    try:
+        title, content = section
+    except (TypeError, ValueError):
+        return section
+    if isinstance(content, str) and len(content) > cap // 4 and len(content.encode("utf-8", "replace")) > cap:
+        data = content.encode("utf-8", "replace")
+        content = data[:cap].decode("utf-8", "ignore") + (
+            f"\n[pytest-isolate: {len(data) - cap} more bytes left out (output is capped at {cap} "
+            "bytes a section; --isolate-capture-limit)]\n")
+    return (title, content)
 
 
 class Host(ContainerReporter):
@@ -214,7 +234,6 @@ class Host(ContainerReporter):
         self.items: dict[str, pytest.Item] = {}
         self.collect_errors: list[str] = []
         self.started = time.perf_counter()
-        self.crash_fd = os.memfd_create("pytest-isolate-crashlog", 0)
         self._seccomp_programs: dict = {}
         self._zygote: zygote_module.Zygote | None = None
         self._limits_zygote: zygote_module.Zygote | None = None
@@ -231,7 +250,7 @@ class Host(ContainerReporter):
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         self.items = {item.nodeid: item for item in session.items}
         self.channel.send(("ready", {
-            "collected": len(self.items), "pid": os.getpid(), "rss": _resident_bytes(),
+            "collected": len(self.items), "host_pid": process.outer_pid(), "rss": _resident_bytes(),
             "seconds": time.perf_counter() - self.started,
             "notes": json.loads(os.environ.pop(HOST_NOTES_ENV, "[]")),
         }))
@@ -281,22 +300,17 @@ class Host(ContainerReporter):
         return self._seccomp_programs[key]
 
     def run(self, nodeid: str, container_config: dict, mode: str, timeout, fresh_arg: str,
-            seccomp: dict | None, in_zygote: bool = False) -> None:
+            seccomp: dict | None, in_zygote: bool = False, events_cap: int = events.DEFAULT_STREAM_CAP,
+            capture_cap: int = DEFAULT_CAPTURE_CAP) -> None:
         if nodeid not in self.items and mode == "fork":
             why = "\n".join(self.collect_errors) or "it was not collected there"
-            self.channel.send(("done", {"not_collected": why}))
+            self.channel.send(("done", {"not_collected": why[:CRASHLOG_CAP]}))
             return
         try:
             programs = self.seccomp_programs(seccomp, tuple(container_config["cap_add"]))
         except Exception as exc:  # e.g. no libseccomp: this test errors, the host lives on
             self._cannot_start(str(exc), "seccomp profile")
             return
-        capman = self.config.pluginmanager.getplugin("capturemanager")
-        capturing = capman is not None and capman.is_globally_capturing()
-        if capturing:
-            capman.read_global_capture()  # start from an empty capture file
-        os.ftruncate(self.crash_fd, 0)
-        os.lseek(self.crash_fd, 0, os.SEEK_SET)  # the test writes at this offset
         request = {"mode": mode, "config": dict(container_config, seccomp_programs=programs, masks=self.masks,
                                                 entries=self.start["entries"])}
         started = time.perf_counter()
@@ -308,38 +322,35 @@ class Host(ContainerReporter):
         except (OSError, factory.InitError) as exc:
             self._cannot_start(str(exc), getattr(exc, "step", "start"))
             return
-        test.go({"nodeid": nodeid, "fresh_arg": fresh_arg,
-                 "deadline": time.monotonic() + timeout if timeout else None})
+        deadline = time.monotonic() + timeout if timeout else None
+        test.go({"nodeid": nodeid, "fresh_arg": fresh_arg, "deadline": deadline, "capture_cap": capture_cap})
         if not in_zygote:
             self.pipeline.prepare_next(request, zygote)  # while this test runs
-        supervisor = container.Supervisor(
-            test.test_pidfd, test.events_fd, test.notify_r, timeout and timeout + KILL_GRACE,
-            test.namespaces.end, reap=lambda: zygote.reap(test.test), wait_for_exit=in_zygote,
-            relay=lambda reported: self.channel.send(("events", events.encode_body(reported))))
-        reported = supervisor.events()
-        # The kernel tears the rest down, off our path; but a limited test's leftovers
-        # must be gone before the next limited test starts in the same cgroup.
-        test.namespaces.end(wait=5 if in_zygote else 0)
-        if not supervisor.reaped:
-            zygote.finished.append(test.test)
-        out = err = ""
-        if not supervisor.finished:
-            if test.capture_link is not None:
-                out, err = _read_passed_capture(test.capture_link)
-            elif capturing:
-                out, err = capman.read_global_capture()
-        if test.capture_link is not None:
-            test.capture_link.close()
-        self.channel.send(("done", events.encode_body({
-            "status": supervisor.exit_status, "timed_out": supervisor.timed_out,
-            "finished": supervisor.finished, "stdout": out, "stderr": err, "rusage": supervisor.rusage,
-            "crashlog": os.pread(self.crash_fd, 1 << 20, 0).decode("utf-8", "replace"),
-            "duration": time.perf_counter() - started, "events": reported,
-        })))
+        supervisor = Supervisor(test.test_pidfd, test.events_fd, deadline and deadline + KILL_GRACE,
+                                kill=test.namespaces.end, cap=events_cap,
+                                relay=lambda chunk: self.channel.send(("events", chunk)))
+        rest = supervisor.wait()
+        os.close(test.test_pidfd)
+        test.test_pidfd = -1
+        status, rusage = zygote.reap(test.test)
+        clean = status == 0 and not supervisor.timed_out and supervisor.tampered is None
+        # The kernel tears the rest down, off our path; but what a test that did not
+        # end cleanly left (or a limited test, whose cgroup the next one uses) must
+        # be gone before the next test starts.
+        test.namespaces.end(wait=0 if clean and not in_zygote else 5)
+        done = {
+            "status": status, "timed_out": supervisor.timed_out, "tampered": supervisor.tampered,
+            "stdout": read_capped(test.file("pytest-isolate-stdout"), capture_cap, "captured stdout"),
+            "stderr": read_capped(test.file("pytest-isolate-stderr"), capture_cap, "captured stderr"),
+            "crashlog": "" if clean else read_capped(test.file("pytest-isolate-crashlog"), CRASHLOG_CAP, "the crash log"),
+            "rusage": rusage, "duration": time.perf_counter() - started, "events": rest,
+        }
+        test.close_files()
+        self.channel.send(("done", done))
 
     def _cannot_start(self, message: str, step: str) -> None:
-        self.channel.send(("container_error", {"message": message, "step": step}))
-        self.channel.send(("done", {"status": None, "finished": False}))
+        self.channel.send(("done", {"status": None, "container_error": {"message": message[:CRASHLOG_CAP],
+                                                                        "step": step}}))
 
     @property
     def pipeline(self) -> pipeline_module.Pipeline:
@@ -356,19 +367,18 @@ class Host(ContainerReporter):
 
     def prepare(self, request: dict, fds: list[int]) -> tuple:
         """What container.fork_test needs for ``request`` (here or in the zygote):
-        ``(config, payload, event_fd, keep_fds)``; ``fds`` start with the events
-        file, the notify pipe and, in mode "fresh", the capture link."""
-        events_fd, notify_w = fds[:2]
+        ``(config, payload, event_fd, keep_fds)``; ``fds`` start with the test's own
+        files: events, then pipeline.CAPTURE_FILES."""
+        files = dict(zip(("events", "stdout", "stderr", "crashlog"), fds[:4]))
         if self._session_fds is None:  # pytest's capture files stay the same all session
-            self._session_fds = _capture_fds(self.config) | {self.crash_fd, self.start["session_output_fd"]}
-        keep = self._session_fds | {notify_w}
+            self._session_fds = _capture_fds(self.config) | {self.start["session_output_fd"]}
+        keep = self._session_fds | set(files.values())
         if request["mode"] == "fresh":
-            keep.add(fds[2])
-            payload = self._fresh_payload(events_fd, notify_w, fds[2])
+            payload = self._fresh_payload(files)
         else:
             def payload(job: dict) -> None:
-                self.run_item(self.items[job["nodeid"]], events_fd, notify_w, self.crash_fd, job["deadline"])
-        return request["config"], payload, events_fd, keep
+                self.run_item(self.items[job["nodeid"]], files, job["deadline"], job["capture_cap"])
+        return request["config"], payload, files["events"], keep
 
     @property
     def zygote(self) -> zygote_module.Zygote:
@@ -384,12 +394,11 @@ class Host(ContainerReporter):
             self._limits_zygote = zygote_module.Zygote(self.prepare)
         return self._limits_zygote
 
-    def _fresh_payload(self, events_fd: int, notify_w: int, link_fd: int):
+    def _fresh_payload(self, files: dict):
         def exec_fresh_interpreter(job: dict) -> None:
-            job = dict(job, event_fd=events_fd, notify_fd=notify_w, crash_fd=self.crash_fd, capture_link_fd=link_fd,
-                       option_dict=self.start["option_dict"], workerinput=self.start["workerinput"],
+            job = dict(job, files=files, option_dict=self.start["option_dict"], workerinput=self.start["workerinput"],
                        sys_path=self.start["sys_path"], argv=self.start["argv"], args=[job["fresh_arg"]])
-            for fd in (events_fd, notify_w, self.crash_fd, link_fd):
+            for fd in files.values():
                 os.set_inheritable(fd, True)
             os.environ[JOB_ENV] = json.dumps(job)
             boot = "from pytest_isolate.fresh import main; main()"

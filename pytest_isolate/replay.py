@@ -1,22 +1,30 @@
-"""Turning a container's events back into ordinary pytest reports, in the controller.
+"""Turning what a container sent back into ordinary pytest reports, in the controller.
 
-Reports the container sent are logged as they arrive. If the container did not
-finish the test protocol (a signal, ``os._exit``, a timeout, a lost link, a container
-that could not be built), the missing phase is reported as a failure through
-``pytest_runtest_makereport`` -- so ``xfail`` applies to it as to any failure -- with
-the reason, the faulthandler traceback and the output captured before the crash.
+The test's events are checked as they come (boundary.py) and held; they are acted on
+only once the host has seen the test's process end ("done"). The host's own
+observations decide how the test ended:
+
+* the process exited with status 0 after reporting every phase: its reports are
+  logged, as in a plain run;
+* it did not (a signal, ``os._exit``, a timeout, a lost link, a container that could
+  not be built): the missing phase -- derived from the reports actually received -- is
+  reported as a failure through ``pytest_runtest_makereport``, so ``xfail`` applies to
+  it as to any failure, with the reason, the faulthandler traceback and the output
+  captured before the crash. A process that dies after reporting a pass crashed;
+* it broke the protocol: the test fails with "the test tampered with its report
+  channel" and its own reports are dropped.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import signal
-import warnings
 
 import pytest
 
+from . import boundary
 from .options import Settings
+from .runtime import events
 
 
 def _signal_name(number: int) -> str:
@@ -24,21 +32,6 @@ def _signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
-
-
-def _warning_message(data: dict) -> warnings.WarningMessage:
-    category: type[Warning] = UserWarning
-    try:
-        found = getattr(importlib.import_module(data["category_module"]), data["category_name"])
-        if isinstance(found, type) and issubclass(found, Warning):
-            category = found
-    except Exception:
-        pass
-    try:
-        message = category(data["message"])
-    except Exception:
-        category, message = UserWarning, UserWarning(f"{data['category_name']}: {data['message']}")
-    return warnings.WarningMessage(message, category, data["filename"], data["lineno"])
 
 
 def _test_frames(crashlog: str) -> str:
@@ -56,75 +49,107 @@ def _test_frames(crashlog: str) -> str:
 
 
 class Replay:
-    def __init__(self, item: pytest.Item, settings: Settings) -> None:
+    def __init__(self, item: pytest.Item, settings: Settings, events_cap: int, capture_cap: int) -> None:
         self.item = item
         self.settings = settings
         self.config = item.config
-        self.seen: dict[str, pytest.TestReport] = {}
-        self.finished = False
+        self.events_cap = events_cap
+        self.capture_cap = capture_cap
+        self.reader = events.Reader(events_cap)
+        self.phases = boundary.Phases()
+        self.reports: list[pytest.TestReport] = []
+        self.warnings: list[dict] = []
+        self.properties: list[tuple[str, object]] = []
+        self.tampered: str | None = None  # how the test broke the protocol
         self.problem: str | None = None  # why the container could not run the test
         self.done: dict = {}
         self.session_exit: dict | None = None  # pytest.exit() inside the container
         self.usage = None  # limits.Usage, set by the controller after "done"
         self.oom: str | None = None  # why, when the OOM killer ended the test
 
-    def handle(self, name: str, data: dict) -> None:
-        if name == "report":
-            report = self.config.hook.pytest_report_from_serializable(config=self.config, data=data["data"])
-            context = data["data"].get("_subtest.context")
-            if context and hasattr(report, "context"):
-                # SubtestContext repr()s its kwargs again when deserialised: undo that.
-                object.__setattr__(report.context, "kwargs", dict(context["kwargs"]))
-            self.seen.setdefault(report.when, report)
-            if report.when != "teardown":  # finish() logs it, after the controller's part
-                self.item.ihook.pytest_runtest_logreport(report=report)
-        elif name == "warning":
-            location = data.get("location")
-            self.config.hook.pytest_warning_recorded.call_historic(kwargs=dict(
-                warning_message=_warning_message(data["warning"]), when=data["when"],
-                nodeid=data["nodeid"], location=tuple(location) if location else None,
-            ))
-        elif name == "testsuite_property":
-            self._record_testsuite_property(data["name"], data["value"])
-        elif name == "session_exit":
-            self.session_exit = data
-        elif name == "finished":
-            self.finished = True
-        elif name == "container_error":
-            self.problem = (f"pytest-isolate could not start the test's container "
-                            f"(in its {data.get('step', '?')}): {data.get('message')}\n"
-                            "Run `python -m pytest_isolate doctor` to see what this machine offers.")
-        elif name in ("corrupt", "not_collected"):
-            self.problem = f"pytest-isolate: {data.get('message')}"
-        elif name == "done":
-            self.done = data
-            if "not_collected" in data:
-                self.problem = (f"pytest-isolate: {self.item.nodeid} was not collected in its "
-                                f"container host:\n{data['not_collected']}")
+    # -- what comes in -----------------------------------------------------------------------
 
-    def _record_testsuite_property(self, name: str, value: object) -> None:
-        try:
-            from _pytest.junitxml import xml_key
-        except ImportError:  # pragma: no cover - a future pytest moved it
+    def handle(self, name: str, data) -> None:
+        """A message of the host: ("events", bytes) or ("done", {...})."""
+        if name == "events":
+            if not isinstance(data, bytes):
+                raise boundary.Tampering("events that are not bytes")
+            self._feed(data)
+        elif name == "done":
+            self.done = boundary.check_done(data, self.events_cap, self.capture_cap)
+            self._feed(self.done.pop("events"))
+            if self.done["tampered"] and not self.tampered:
+                self.tampered = self.done["tampered"]
+            if self.done["not_collected"] is not None:
+                self.problem = (f"pytest-isolate: {self.item.nodeid} was not collected in its "
+                                f"container host:\n{self.done['not_collected']}")
+            if self.done["container_error"] is not None:
+                self._container_error(self.done["container_error"])
+        else:
+            raise boundary.Tampering(f"an unknown message {name[:40]!r} from the host")
+
+    def _feed(self, chunk: bytes) -> None:
+        if self.tampered:
             return
-        xml = self.config.stash.get(xml_key, None)
-        if xml is not None:
-            xml.add_global_property(name, value)
+        try:
+            for event, data in self.reader.feed(chunk):
+                handler = getattr(self, "event_" + event, None)
+                if handler is None:
+                    raise boundary.Tampering(f"an unknown event {event[:40]!r}")
+                handler(data)
+            if self.reader.problem:
+                raise boundary.Tampering(f"its event stream broke: {self.reader.problem}")
+        except boundary.Tampering as exc:
+            self.tampered = str(exc)
+        except RecursionError:
+            self.tampered = "a structure nested too deep"
+
+    def event_report(self, data) -> None:
+        data = boundary.mapping(data, "a report event").get("data")
+        checked = boundary.check_report(data, self.item.nodeid, self.item.location, pytest.TestReport)
+        subtest = boundary.is_subtest(checked)
+        self.phases.check(checked["when"], checked["outcome"], subtest)
+        try:
+            report = self.config.hook.pytest_report_from_serializable(config=self.config, data=checked)
+        except Exception as exc:
+            raise boundary.Tampering(f"a report pytest cannot read ({type(exc).__name__})") from None
+        if not isinstance(report, pytest.TestReport):
+            raise boundary.Tampering("a report pytest cannot read")
+        if checked.get("_subtest.context") is not None and hasattr(report, "context"):
+            # SubtestContext repr()s its kwargs again when deserialised: undo that.
+            kwargs = boundary.mapping(checked["_subtest.context"], "a subtest").get("kwargs") or {}
+            object.__setattr__(report.context, "kwargs", dict(boundary.mapping(kwargs, "a subtest's kwargs")))
+        self.reports.append(report)
+
+    def event_warning(self, data) -> None:
+        self.warnings.append(boundary.check_warning(data, self.item.nodeid))
+
+    def event_testsuite_property(self, data) -> None:
+        self.properties.append(boundary.check_property(data))
+
+    def event_session_exit(self, data) -> None:
+        self.session_exit = boundary.check_session_exit(data)
+
+    def event_container_error(self, data) -> None:
+        self._container_error(boundary.check_problem(data, "a container error"))
+
+    def event_not_collected(self, data) -> None:
+        self.problem = f"pytest-isolate: {boundary.check_problem(data, 'not collected')['message']}"
+
+    def _container_error(self, data: dict) -> None:
+        self.problem = (f"pytest-isolate could not start the test's container "
+                        f"(in its {data['step']}): {data['message']}\n"
+                        "Run `python -m pytest_isolate doctor` to see what this machine offers.")
 
     def host_failed(self, message: str) -> None:
         self.problem = f"pytest-isolate: {message}"
 
     # -- what happened, in words ---------------------------------------------------------
 
-    def _crashed_phase(self) -> str | None:
-        setup = self.seen.get("setup")
-        if setup is None:
-            return "setup"
-        if "call" not in self.seen and setup.passed and not self.config.getoption("setuponly", False):
-            return "call"
-        if "teardown" not in self.seen:
-            return "teardown"
-        return None
+    def _clean(self) -> bool:
+        """The host saw the process exit with status 0, and every phase was reported."""
+        return (not self.tampered and not self.problem and self.done.get("status") == 0
+                and not self.done.get("timed_out") and self.phases.complete())
 
     def _reason(self, phase: str) -> str:
         if self.problem:
@@ -136,27 +161,56 @@ class Replay:
                     f"(setup, call and teardown together); its container was killed "
                     f"during {phase}.")
         status = self.done.get("status")
+        after = " after it had reported it" if phase in self.phases.seen else ""
         if status is None:
             return f"Crashed: the container ended during {phase} without a status."
         if os.WIFSIGNALED(status):
             number = os.WTERMSIG(status)
-            return f"Crashed: the test's process was killed by signal {number} ({_signal_name(number)}) during {phase}."
+            return (f"Crashed: the test's process was killed by signal {number} ({_signal_name(number)}) "
+                    f"during {phase}{after}.")
         return (f"Crashed: the test's process exited with status {os.WEXITSTATUS(status)} during "
-                f"{phase}, before pytest finished the test.")
+                f"{phase}{after}, before pytest finished the test.")
+
+    def _crashed_phase(self) -> str:
+        """The first phase not reported; when all were, the call (or the teardown
+        where there was no call): a process that dies after its reports crashed."""
+        seen = self.phases.seen
+        if "setup" not in seen:
+            return "setup"
+        if "call" not in seen and self.phases.setup_passed and not self.config.getoption("setuponly", False):
+            return "call"
+        if "teardown" not in seen:
+            return "teardown"
+        return "call" if "call" in seen else "teardown"
 
     # -- reports ---------------------------------------------------------------------------
 
-    def _ensure_xfail_state(self) -> None:
+    def _ensure_xfail_state(self):
         """The xfail marks of the item, evaluated here as pytest's setup would have."""
         try:
             from _pytest.skipping import evaluate_xfail_marks, xfailed_key
         except ImportError:  # pragma: no cover - a future pytest moved them
-            return
+            return None
         if xfailed_key not in self.item.stash:
             try:
                 self.item.stash[xfailed_key] = evaluate_xfail_marks(self.item)
             except Exception:
-                pass
+                return None
+        return self.item.stash[xfailed_key]
+
+    def _unreachable_outcome(self) -> str | None:
+        """A call outcome the test could not have had: with a static xfail mark, a
+        plain pass (a strict one fails when the test passes)."""
+        if self.config.getoption("runxfail", False):
+            return None
+        xfailed = self._ensure_xfail_state()
+        if not xfailed:
+            return None
+        for report in self.reports:
+            if report.when == "call" and report.passed and not boundary.is_subtest(report.__dict__):
+                if xfailed.strict or not xfailed.run or not getattr(report, "wasxfail", None):
+                    return "a pass that its xfail mark rules out"
+        return None
 
     def _report(self, phase: str, error: BaseException | None, sections=()) -> pytest.TestReport:
         def container_phase():  # pytrace=False errors show as their message alone
@@ -169,14 +223,25 @@ class Replay:
         return report
 
     def finish(self, nextitem: pytest.Item | None) -> None:
-        """Report what the container could not, then the teardown, once."""
-        if self.session_exit is not None:
+        """Log what the test reported, or what happened instead; the teardown last."""
+        if not self.tampered:
+            self.tampered = self._unreachable_outcome()
+        for warning in self.warnings:
+            self.config.hook.pytest_warning_recorded.call_historic(kwargs=warning)
+        for name, value in self.properties:
+            self._record_testsuite_property(name, value)
+        if self.session_exit is not None and self.done.get("status") == 0 and not self.tampered:
             # As in a plain run: pytest.exit() skips the rest of the protocol and
             # ends the session, with its reason and return code.
             raise pytest.exit.Exception(self.session_exit["reason"], self.session_exit["returncode"])
-        if not (self.finished or self.done.get("finished")):
-            self._report_crash()
-        teardown = self.seen.get("teardown") or self._report("teardown", None)
+        if self.tampered:
+            teardown = self._report_tampering()
+        elif self._clean():
+            for report in self.reports[:-1]:
+                self._log(report)
+            teardown = self.reports[-1]
+        else:
+            teardown = self._report_crash()
         teardown = self._with_controller_teardown(teardown, nextitem)
         if self.usage is not None:  # junitxml reads properties from the teardown report
             teardown.user_properties = list(teardown.user_properties) + self.usage.properties()
@@ -184,12 +249,33 @@ class Replay:
             # plain isolated failure reads exactly as it would without isolation.
             if self.settings.has_cgroup_limits() or self.config.get_verbosity() >= 2:
                 teardown.sections.append(("pytest-isolate usage (after teardown)", self.usage.text()))
-        self.item.ihook.pytest_runtest_logreport(report=teardown)
+        self._log(teardown)
 
-    def _report_crash(self) -> None:
+    def _log(self, report: pytest.TestReport) -> None:
+        elapsed = self.done.get("duration")
+        if elapsed is not None and report.duration > elapsed:  # a timing claim of the test
+            report.duration = elapsed
+        self.item.ihook.pytest_runtest_logreport(report=report)
+
+    def _report_tampering(self) -> pytest.TestReport:
+        message = (f"pytest-isolate: {boundary.TAMPERED}: {self.tampered}. Its container was killed "
+                   "and what it reported was dropped.")
+        report = self._report("call", pytest.fail.Exception(message, pytrace=False))
+        report.outcome = "failed"  # not an xfail: the test broke the protocol, it did not fail
+        if hasattr(report, "wasxfail"):
+            del report.wasxfail
+        report.duration = self.done.get("duration") or 0.0
+        setup = self._report("setup", None)
+        self._log(setup)
+        self._log(report)
+        return self._report("teardown", None)
+
+    def _report_crash(self) -> pytest.TestReport:
         phase = self._crashed_phase()
-        if phase is None:
-            return  # every phase was reported; the process only failed on its way out
+        order = boundary.PHASES.index(phase)
+        kept = [r for r in self.reports if boundary.PHASES.index(r.when) < order]
+        for report in kept:
+            self._log(report)
         message = self._reason(phase)
         crashlog = (self.done.get("crashlog") or "").strip()
         if crashlog:
@@ -198,10 +284,20 @@ class Replay:
                     for stream in ("stdout", "stderr") if self.done.get(stream)]
         self._ensure_xfail_state()
         report = self._report(phase, pytest.fail.Exception(message, pytrace=False), sections)
+        report.duration = self.done.get("duration") or 0.0
         if phase == "teardown":
-            self.seen["teardown"] = report
-        else:
-            self.item.ihook.pytest_runtest_logreport(report=report)
+            return report
+        self._log(report)
+        return self._report("teardown", None)
+
+    def _record_testsuite_property(self, name: str, value: object) -> None:
+        try:
+            from _pytest.junitxml import xml_key
+        except ImportError:  # pragma: no cover - a future pytest moved it
+            return
+        xml = self.config.stash.get(xml_key, None)
+        if xml is not None:
+            xml.add_global_property(name, value)
 
     def _with_controller_teardown(self, teardown: pytest.TestReport, nextitem) -> pytest.TestReport:
         """Tear down what plain tests set up here and ``nextitem`` does not need.

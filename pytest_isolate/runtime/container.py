@@ -44,9 +44,7 @@ from __future__ import annotations
 import marshal
 import os
 import resource
-import select
 import socket
-import time
 from typing import Callable
 
 from . import capabilities, events, factory, landlock, network, process, rootfs, seccomp, syscalls, user_ns
@@ -54,7 +52,6 @@ from . import capabilities, events, factory, landlock, network, process, rootfs,
 # The host's own namespaces; CLONE_NEWPID makes its first child (the host) pid 1.
 HOST_NAMESPACES = syscalls.CLONE_NEWNET | syscalls.CLONE_NEWUTS | syscalls.CLONE_NEWIPC | syscalls.CLONE_NEWPID
 EXIT_CONTAINER_FAILED = 125
-MAX_JOB = 1 << 22
 
 
 # -- the container host: once per pytest process (or xdist worker) and image --------
@@ -216,105 +213,6 @@ def _read_job(go_fd: int) -> dict | None:
         chunks.append(chunk)
     os.close(go_fd)
     return marshal.loads(b"".join(chunks)) if chunks else None
-
-
-def own_usage() -> dict:
-    """CPU time and peak memory of the calling process and its reaped children."""
-    mine, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {"cpu_seconds": mine.ru_utime + mine.ru_stime + children.ru_utime + children.ru_stime,
-            "max_rss": max(mine.ru_maxrss, children.ru_maxrss) * 1024}
-
-
-# -- the host side of a running container -----------------------------------------------
-
-class Supervisor:
-    """Waits for a test, enforces its timeout, and reads what it reported.
-
-    A test writes its events to a file (``events_fd``, see events.py) and wakes the
-    host only once, by writing to ``notify_r``'s pipe when it has finished; a crash
-    shows on a pidfd of the test process (not as end-of-file on the pipe: processes
-    the test left behind may hold its write end). A test still running after ``RELAY_AFTER``
-    seconds has what it reported so far passed to ``relay`` now and then, so that a
-    lost host still leaves the controller knowing how far the test got.
-
-    A finished test is over: with ``wait_for_exit`` false, its container's teardown
-    (process exit, namespaces, mounts) goes on off the critical path and the test is
-    reaped later (see zygote.py); otherwise, or if it never finished, it is reaped
-    here. ``kill`` ends the whole container (see factory.Namespaces.end).
-    """
-
-    RELAY_AFTER = 0.25
-
-    def __init__(self, test_pidfd: int, events_fd: int, notify_r: int, timeout: float | None,
-                 kill: Callable[[], None], reap, relay: Callable[[list], None],
-                 wait_for_exit: bool = True) -> None:
-        self.test_pidfd = test_pidfd
-        self.events_fd = events_fd
-        self.notify_r = notify_r
-        self.deadline = None if not timeout else time.monotonic() + timeout
-        self.kill = kill
-        self.reap = reap
-        self.relay = relay
-        self.wait_for_exit = wait_for_exit
-        self.timed_out = False
-        self.finished = False
-        self.reaped = False
-        self.exit_status: int | None = None
-        self.rusage: dict = {}
-        self._reader = events.Reader()
-        self._offset = 0
-
-    def events(self) -> list[tuple[str, dict]]:
-        """Wait; returns what was reported and not relayed yet."""
-        next_relay = time.monotonic() + self.RELAY_AFTER
-        try:
-            while True:
-                now = time.monotonic()
-                if self.deadline is not None and now >= self.deadline:
-                    self.timed_out = True
-                    self.kill()
-                    self.deadline = None
-                    continue
-                if now >= next_relay:
-                    self._relay(self._read_new())
-                    next_relay = now + self.RELAY_AFTER
-                wait = next_relay - now if self.deadline is None else min(self.deadline, next_relay) - now
-                ready, _, _ = select.select([self.notify_r, self.test_pidfd], [], [], max(wait, 0))
-                if not ready:
-                    continue
-                ended = self.test_pidfd in ready or not os.read(self.notify_r, 4096)
-                reported = self._read_new()
-                if ended or (self.finished and not self.wait_for_exit):
-                    break
-                self._relay(reported)
-        finally:
-            os.close(self.notify_r)
-            os.close(self.events_fd)
-            os.close(self.test_pidfd)
-        if not (self.finished and not self.wait_for_exit):
-            self.exit_status, rusage = self.reap()
-            self.reaped = True
-            self.rusage = rusage or self.rusage
-        return reported
-
-    def _relay(self, reported: list) -> None:
-        if reported:
-            self.relay(reported)
-
-    def _read_new(self) -> list[tuple[str, dict]]:
-        size = os.fstat(self.events_fd).st_size
-        reported = []
-        if size > self._offset:
-            reported = self._reader.feed(os.pread(self.events_fd, size - self._offset, self._offset))
-            self._offset = size
-        if self._reader.corrupt:
-            self.kill()
-        for name, payload in reported:
-            if name == "finished":
-                self.finished = True
-                self.rusage = payload.pop("usage", {})
-                self.deadline = None
-        return reported
 
 
 def reap_with_usage(pid: int) -> tuple[int, dict]:

@@ -20,47 +20,47 @@ from __future__ import annotations
 
 import marshal
 import os
-import socket
 
 from . import events, factory
 
 # What the factory needs to build a container (the rest is for the test process).
 BUILD_KEYS = ("entries", "mounts", "hostname")
+# The test's own files besides its events, in the order the zygote passes them on.
+CAPTURE_FILES = ("pytest-isolate-stdout", "pytest-isolate-stderr", "pytest-isolate-crashlog")
 
 
 class Prepared:
     """A test process waiting for its job in a built container, and the host's ends
-    of its links: its events file, notify pipe, job pipe and (mode "fresh") the
-    capture link."""
+    of its files: events, captured stdout and stderr, crash log (memfds of this test
+    alone: processes an ended test left behind can write nowhere the next test's
+    output is read from) and the job pipe."""
 
     def __init__(self, request: dict, namespaces: factory.Namespaces, zygote) -> None:
         self.request = request
         self.namespaces = namespaces
         self.zygote = zygote
-        self.events_fd, self.notify_r, notify_w = events.new_stream()
+        self.files = [events.new_stream()] + [os.memfd_create(name, os.MFD_CLOEXEC) for name in CAPTURE_FILES]
         go_r, self._go_w = os.pipe2(os.O_CLOEXEC)
-        fds, self.capture_link, container_end = [self.events_fd, notify_w], None, None
-        if request["mode"] == "fresh":
-            # The fresh interpreter hands its capture files over this link before
-            # the test runs, so that output printed before a crash survives it.
-            self.capture_link, container_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-            fds.append(container_end.fileno())
         try:
             # The zygote forks while we go on; ``started`` collects the test's pid.
-            self._ticket = zygote.start(request, fds + [go_r] + list(namespaces.fds.values()))
+            self._ticket = zygote.start(request, self.files + [go_r] + list(namespaces.fds.values()))
         except BaseException:
-            self._close_links()
+            self.close_files()
             os.close(self._go_w)
             namespaces.end()
             raise
         finally:
-            os.close(notify_w)
             os.close(go_r)
-            if container_end is not None:
-                container_end.close()
             namespaces.close()  # the pidfd of its init stays, to end it
         self.test = 0
         self.test_pidfd = -1
+
+    @property
+    def events_fd(self) -> int:
+        return self.files[0]
+
+    def file(self, name: str) -> int:
+        return self.files[1 + CAPTURE_FILES.index(name)]
 
     def started(self) -> None:
         """Wait until the test process exists (OSError if it could not start)."""
@@ -94,8 +94,7 @@ class Prepared:
             os.close(self._go_w)
             self._go_w = -1
         self.namespaces.end()
-        if self.events_fd >= 0:
-            self._close_links()
+        self.close_files()
         if self.test_pidfd >= 0:
             os.close(self.test_pidfd)
             self.test_pidfd = -1
@@ -108,13 +107,10 @@ class Prepared:
         if self.test:
             self.zygote.finished.append(self.test)
 
-    def _close_links(self) -> None:
-        os.close(self.events_fd)
-        os.close(self.notify_r)
-        self.events_fd = self.notify_r = -1
-        if self.capture_link is not None:
-            self.capture_link.close()
-            self.capture_link = None
+    def close_files(self) -> None:
+        for fd in self.files:
+            os.close(fd)
+        self.files = []
 
 
 class Pipeline:
