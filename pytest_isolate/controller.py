@@ -21,7 +21,7 @@ from . import boundary, images, remote
 from .limits import Limiter, human
 from .replay import Replay
 from .options import LANDLOCK_WRITABLE, Settings
-from .runtime import launch, rootfs
+from .runtime import launch, paths, rootfs
 
 # Options that must differ in a container host (xdist's remote does the same).
 HOST_OPTION_OVERRIDES = {
@@ -325,13 +325,20 @@ class Controller:
                 problem = images.unmountable(self.image_entries(settings.image), mount.dst)
                 if problem:
                     raise pytest.UsageError(f"{item.nodeid}: invalid 'mounts': {problem}")
-                self.source_index(mount)
+                try:
+                    self.source_index(mount)
+                except OSError as exc:
+                    raise pytest.UsageError(f"{item.nodeid}: invalid 'mounts': the source {mount.src} cannot be "
+                                            f"opened: {exc.strerror}") from None
 
     def source_index(self, mount) -> int:
+        """The number of a mount source; pinned the first time (OSError if it cannot
+        be reached without a symlink): every host checks it mounts that object."""
         key = (mount.src, mount.readonly)
         if key not in self._source_index:
+            pin = list(paths.pin(mount.src))
             self._source_index[key] = len(self.sources)
-            self.sources.append({"src": mount.src, "ro": mount.readonly})
+            self.sources.append({"src": mount.src, "ro": mount.readonly, "pin": pin})
         return self._source_index[key]
 
     def host_for(self, settings: Settings) -> ContainerHost:

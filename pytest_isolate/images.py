@@ -11,6 +11,8 @@ import site
 import sys
 from typing import Iterable
 
+from .runtime import paths
+
 HOST_TOP_LEVEL = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 # Never bound from the host, whatever sys.path says: the container has its own.
@@ -80,6 +82,12 @@ def host_image(project_paths: Iterable[str]) -> list[dict]:
     ]
     entries += [{"type": "dev", "dst": f"/dev/{d}", "src": f"/dev/{d}"} for d in DEVICES
                 if os.path.exists(f"/dev/{d}")]
+    for entry in entries:  # what each host must find at these paths (runtime/paths.py)
+        if entry["type"] in ("bind", "dev"):
+            try:
+                entry["pin"] = list(paths.pin(entry["src"]))
+            except OSError:
+                pass  # the host's own open (without symlinks) decides
     entries += [
         {"type": "symlink", "dst": "/dev/fd", "target": "/proc/self/fd"},
         {"type": "symlink", "dst": "/dev/stdin", "target": "/proc/self/fd/0"},

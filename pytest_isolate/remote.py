@@ -44,6 +44,7 @@ from pytest_isolate.runtime import events, factory, hugepages, rootfs
 from pytest_isolate.runtime import pipeline as pipeline_module
 from pytest_isolate.runtime import process
 from pytest_isolate.runtime.supervisor import Supervisor, read_capped
+from pytest_isolate.runtime.container import MOUNTS_UNLOCKED_ENV
 from pytest_isolate.runtime.launch import FACTORY_FD_ENV, HOST_ERROR_ENV, HOST_NOTES_ENV
 from pytest_isolate.runtime import zygote as zygote_module
 
@@ -305,6 +306,11 @@ class Host(ContainerReporter):
         if nodeid not in self.items and mode == "fork":
             why = "\n".join(self.collect_errors) or "it was not collected there"
             self.channel.send(("done", {"not_collected": why[:CRASHLOG_CAP]}))
+            return
+        unlocked = os.environ.get(MOUNTS_UNLOCKED_ENV)
+        if unlocked and "CAP_SYS_ADMIN" in container_config["cap_add"]:
+            self._cannot_start(f"cap_add=SYS_ADMIN is refused here: the image's mounts could not be locked "
+                               f"({unlocked}), so the test could make them writable", "mount locking")
             return
         try:
             programs = self.seccomp_programs(seccomp, tuple(container_config["cap_add"]))

@@ -80,6 +80,7 @@ def enter_host(spec: dict) -> list[str]:
         user_ns.enter_rootless()
         syscalls.unshare(syscalls.CLONE_NEWNS)
         notes = rootfs.build_stage(spec["entries"], spec["sources"], (0, 0))
+        notes += _lock_stage_mounts()
     # Changing uids (root's join above) clears the parent-death signal: set it again.
     process.die_with_parent(controller)
     # Module-level code of test files runs in the host during collection: give it no
@@ -97,6 +98,27 @@ def enter_host(spec: dict) -> list[str]:
     except OSError:
         os.chdir("/")
     return notes
+
+
+MOUNTS_UNLOCKED_ENV = "PYTEST_ISOLATE_MOUNTS_UNLOCKED"
+
+
+def _lock_stage_mounts() -> list[str]:
+    """Rootless: move into a second user namespace, made after the stage, and a mount
+    namespace of its own. A mount namespace made in a less privileged user namespace
+    than its source's gets every inherited mount locked (MNT_LOCK_*): container root,
+    even with cap_add=SYS_ADMIN, cannot make the read-only image writable or unmount
+    what hides the stage. (As root the stage's mount namespace belongs to the initial
+    user namespace: they are locked already.) Its one-line map makes its root the
+    first namespace's root, which is the user: nothing else changes."""
+    try:
+        user_ns.enter_rootless()
+        syscalls.unshare(syscalls.CLONE_NEWNS)
+    except OSError as exc:
+        os.environ[MOUNTS_UNLOCKED_ENV] = process.describe_error(exc)
+        return [f"the image's mounts could not be locked (a nested user namespace: {exc.strerror}): "
+                "tests with cap_add=SYS_ADMIN are refused"]
+    return []
 
 
 # -- one test's container -------------------------------------------------------------

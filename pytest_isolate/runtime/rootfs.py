@@ -28,7 +28,7 @@ import errno
 import os
 import stat
 
-from . import syscalls, tiny_init
+from . import paths, syscalls, tiny_init
 from .syscalls import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC, MS_REMOUNT
 
 # Where a container host's per-test scratch tmpfs (overlay upper, work and the new
@@ -153,15 +153,26 @@ def build_stage(
     # Open every host path first: the stage tmpfs is attached over STAGE_ATTACH and
     # may hide some of them. Binds then go through /proc/self/fd, which also pins the
     # object that was checked (no path swapped for a symlink in between).
+    # Each is the object the controller pinned, reached without a symlink: a test
+    # with a :rw mount may have swapped a path for a symlink since (paths.py). A
+    # user's mount source that moved is left out (the tests that use it fail and
+    # say so); an image path that moved fails the host.
     source_entries = [
-        {"type": "bind", "src": s["src"], "dst": source_path(i), "ro": s["ro"], "idmap": s["ro"]}
+        {"type": "bind", "src": s["src"], "dst": source_path(i), "ro": s["ro"], "idmap": s["ro"],
+         "pin": s.get("pin")}
         for i, s in enumerate(sources)
     ]
     fds: dict[str, int] = {}
     try:
         for entry in entries + source_entries:
             if entry["type"] in ("bind", "dev"):
-                fds[entry["dst"]] = os.open(entry["src"], os.O_PATH | os.O_CLOEXEC)
+                try:
+                    fds[entry["dst"]] = paths.open_pinned(entry["src"], entry.get("pin"))
+                except OSError as exc:
+                    if entry not in source_entries:
+                        raise
+                    notes.append(f"the mount source {entry['src']} is not mounted: {exc.strerror}")
+        source_entries = [entry for entry in source_entries if entry["dst"] in fds]
         _tmpfs(STAGE_ATTACH, "755")
         os.lchown(STAGE_ATTACH, *owner)
         lower = _join(STAGE_ATTACH, LOWER)
@@ -298,6 +309,12 @@ def build_test_root(entries: list[dict], mounts: list[dict]) -> str:
         kind = entry["type"]
         if kind in ("bind", "dev"):
             source = entry.get("stage_src", entry["dst"])
+            if entry.get("stage_src"):
+                if not os.path.lexists(source):
+                    raise OSError(errno.ESTALE, f"the source of the mount on {entry['dst']}, {entry.get('src')}, "
+                                  "was replaced or became unreachable after the run started; it is not mounted")
+                # As the test will see it: a symlink of the image leads inside its root.
+                target = _join(root, paths.resolve_in_root(root, entry["dst"]))
             try:
                 _mountpoint(target, os.path.isdir(source))
             except OSError as exc:
