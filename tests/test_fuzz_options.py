@@ -104,6 +104,7 @@ VALID_TEXT = {  # single-line strings, as the command line and ini files give th
     "landlock": st.sampled_from(["on", "off", "yes", "0"]) | st.lists(abs_path, min_size=1, max_size=3).map(",".join),
     "memory": size(4, 4096), "memory_swap": size(1, 4096) | st.just("-1"), "cpus": cpus.map(str),
     "pids": st.integers(2, 10**6).map(str), "ulimits": ulimit, "limits": st.sampled_from(["strict", "best-effort"]),
+    "capture_limit": size(1, 1024),
 }
 VALID = {**VALID_TEXT,  # and what a marker can give too
          "timeout": st.one_of(st.none(), st.just(0), positive, VALID_TEXT["timeout"]),
@@ -114,6 +115,7 @@ VALID = {**VALID_TEXT,  # and what a marker can give too
          "memory": VALID_TEXT["memory"] | st.none() | st.integers(4 << 20, 1 << 40),
          "memory_swap": VALID_TEXT["memory_swap"] | st.none() | st.integers(1, 1 << 40) | st.just(-1),
          "cpus": st.none() | cpus | cpus.map(str), "pids": st.none() | st.integers(2, 10**6) | VALID_TEXT["pids"],
+         "capture_limit": VALID_TEXT["capture_limit"] | st.none() | st.integers(4096, 1 << 30),
          "ulimits": ulimit | st.lists(ulimit, max_size=3) | st.dictionaries(st.sampled_from(opts.RLIMITS),
                                                                             limit | soft_hard, max_size=3)}
 
@@ -126,6 +128,13 @@ def verdict(name: str, value, base: str):
         return True, opts.BY_NAME[name].parse(value, base)
     except opts.OptionError as exc:
         return False, str(exc)
+
+
+def acceptable(name: str, value, base: str) -> bool:
+    """Whether a run with only this option set may start: the value parses, and
+    fits with the defaults of the others (memory_swap alone needs memory)."""
+    ok, got = verdict(name, value, base)
+    return ok and opts.merge([{name: got}]).problem() is None
 
 
 def check_shape(name: str, got) -> None:
@@ -158,6 +167,8 @@ def check_shape(name: str, got) -> None:
         assert got is None or (type(got) is int and (low <= got < high or (name == "memory_swap" and got == -1)))
     elif name == "cpus":
         assert got is None or (type(got) is float and 0.01 <= got < 1e6)
+    elif name == "capture_limit":
+        assert type(got) is int and 4096 <= got <= 1 << 30
     elif name == "ulimits":
         assert isinstance(got, tuple) and len({u[0] for u in got}) == len(got)
         for rlimit, soft, hard in got:
@@ -336,7 +347,7 @@ def test_marker_values(pytester, run, data) -> None:
     name = data.draw(st.sampled_from(NAMES), label="name")
     value = data.draw(st.one_of(anything, VALID[name]), label="value")
     pytester.makepyfile(test_fz=TEST_FILE.format(args=f"{name}={source(value)}"))
-    ok, _ = verdict(name, value, populate(pytester.path))
+    ok = acceptable(name, value, populate(pytester.path))
     check_run(run(timeout=60), ok, NODE, repr(name))
 
 
@@ -346,7 +357,7 @@ def test_command_line_values(pytester, run, data) -> None:
     option = opts.BY_NAME[data.draw(st.sampled_from(NAMES), label="name")]
     text = data.draw(VALID_TEXT[option.name] | cli_text, label="text")
     pytester.makepyfile(test_fz=TEST_FILE.format(args=""))
-    ok, _ = verdict(option.name, [text] if option.multiple else text, populate(pytester.path))
+    ok = acceptable(option.name, [text] if option.multiple else text, populate(pytester.path))
     check_run(run(f"{option.flag}={text}", timeout=60), ok, option.flag, repr(option.name))
 
 
@@ -361,7 +372,7 @@ def test_ini_values(pytester, run, data) -> None:
     if option.multiple:
         value = [part.strip() for part in value.split("\n") if part.strip()]
     pytester.makepyfile(test_fz=TEST_FILE.format(args=""))
-    ok = value in ("", []) or verdict(option.name, value, populate(pytester.path))[0]
+    ok = value in ("", []) or acceptable(option.name, value, populate(pytester.path))
     check_run(run(timeout=60), ok, option.ini, repr(option.name))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import marshal
 import os
 import signal
 import struct
@@ -15,37 +14,47 @@ from pytest_isolate import images, options
 from pytest_isolate.runtime import events, rootfs, tiny_init
 
 
-class Unmarshalable:
+class NotJSON:
     def __repr__(self) -> str:
-        return "<Unmarshalable>"
+        return "<NotJSON>"
 
 
 def test_events_survive_any_split_of_the_stream() -> None:
-    stream = events.encode("report", {"data": {"x": [1, 2.5, None, "é"]}}) + events.encode("finished", {})
+    stream = events.encode("report", {"data": {"x": [1, 2.5, None, "é"]}}) + events.encode("warning", {})
     for cut in range(len(stream) + 1):
         reader = events.Reader()
         got = reader.feed(stream[:cut]) + reader.feed(stream[cut:])
-        assert got == [("report", {"data": {"x": [1, 2.5, None, "é"]}}), ("finished", {})]
-        assert reader.leftover() == 0
+        assert got == [("report", {"data": {"x": [1, 2.5, None, "é"]}}), ("warning", {})]
+        assert reader.leftover() == 0 and reader.problem is None
 
 
-def test_non_builtin_values_travel_as_their_repr() -> None:
-    [(name, data)] = events.Reader().feed(events.encode("report", {"prop": Unmarshalable(), "ok": (1,)}))
-    assert (name, data) == ("report", {"prop": "<Unmarshalable>", "ok": (1,)})
+def test_values_json_cannot_carry_travel_as_their_repr() -> None:
+    [(name, data)] = events.Reader().feed(events.encode("report", {"prop": NotJSON(), "ok": (1,)}))
+    assert (name, data) == ("report", {"prop": "<NotJSON>", "ok": [1]})
 
 
 @pytest.mark.parametrize("garbage", [
-    b"\x00\x00\x00\x03abc",                                   # not marshal
-    struct.pack(">I", 5) + marshal.dumps(5),                  # not a (name, dict) pair
-    struct.pack(">I", events.MAX_FRAME + 1),                  # absurd length
+    b"\x00\x00\x00\x03abc",                                   # not JSON
+    struct.pack(">I", 1) + b"5",                              # not a [name, {data}] pair
+    struct.pack(">I", 6) + b'["a",1]',                        # data not a dict (and a wrong length)
+    struct.pack(">I", 0),                                     # an empty frame
+    struct.pack(">I", 0xFFFFFFFF),                            # a length over the cap
+    struct.pack(">I", 4) + b"\xff\xfe[]",                      # not UTF-8
+    struct.pack(">I", 20003) + b"[" * 10001 + b"]" * 10001 + b"\n",  # nested too deep
 ])
-def test_a_corrupt_stream_becomes_one_corrupt_event_not_an_exception(garbage: bytes) -> None:
-    reader = events.Reader()
+def test_a_corrupt_stream_stops_the_reader_with_a_problem_not_an_exception(garbage: bytes) -> None:
+    reader = events.Reader(cap=1 << 20)
     got = reader.feed(events.encode("ok", {}) + garbage + events.encode("after", {}))
-    assert got[0] == ("ok", {})
-    assert got[1][0] == "corrupt" and "corrupted" in got[1][1]["message"]
-    assert len(got) == 2 and reader.corrupt
+    assert got == [("ok", {})]
+    assert reader.problem
     assert reader.feed(events.encode("more", {})) == []
+
+
+def test_the_reader_takes_no_more_than_its_cap() -> None:
+    frame = events.encode("x", {"y": "z" * 100})
+    reader = events.Reader(cap=len(frame) * 3)
+    assert len(reader.feed(frame * 3)) == 3
+    assert reader.feed(frame) == [] and "more than" in reader.problem
 
 
 def test_later_layers_win_env_merges_per_key_and_mounts_per_destination(tmp_path) -> None:
