@@ -78,7 +78,7 @@ class Plan:
     group: object | None = None  # a cgroup, when one enforces them
     rlimits: tuple = ()
     enforcement: str = ""
-    error: str | None = None  # strict mode, and they cannot be enforced
+    error: str | None = None  # limits="strict", and they cannot be enforced
     before: cgroups.Counters | None = None
     limits: cgroups.Limits | None = None
 

@@ -288,7 +288,9 @@ class Replay:
         if phase == "teardown":
             return report
         self._log(report)
-        return self._report("teardown", None)
+        # junitxml writes a test's <system-out> from its teardown report, which in a
+        # plain run carries the sections of every phase.
+        return self._report("teardown", None, sections)
 
     def _record_testsuite_property(self, name: str, value: object) -> None:
         try:

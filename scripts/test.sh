@@ -8,7 +8,7 @@
 #    installing python3-venv with apt-get first if python3 cannot make one;
 # 2. installs this package editable with its test and docs extras;
 # 3. runs `pytest tests -p no:cacheprovider -ra [extra args]` twice: in the default
-#    mode, then with the strict mode as every inner run's default;
+#    mode, then with mode "fresh" as every inner run's default;
 # 4. builds the docs with `mkdocs build --strict` (when mkdocs.yml exists).
 # Exits non-zero if any step fails; pytest collecting no tests (exit 5) is a
 # failure too. Set PYTHON to use another interpreter than `python3` on PATH.
@@ -35,7 +35,7 @@ trap 'rm -f "$log"' EXIT
 color=()
 [ -t 1 ] && color=(--color=yes)   # tee below would otherwise turn colours off
 
-# The whole suite runs twice: in the default mode, then with "fresh" (strict) as the
+# The whole suite runs twice: in the default mode, then with "fresh" as the
 # default mode of every inner run (PYTEST_ISOLATE_SUITE_MODE, see tests/conftest.py).
 # The rootless lane (the suite again as an unprivileged user) runs in the first pass.
 run_pass() {   # NAME ENV-ASSIGNMENT... -- PYTEST-ARGS...
@@ -57,7 +57,7 @@ run_pass() {   # NAME ENV-ASSIGNMENT... -- PYTEST-ARGS...
 pytest_rc=0
 run_pass "default mode" -- "$@" || pytest_rc=$?
 strict_rc=0
-run_pass "strict mode" PYTEST_ISOLATE_SUITE_MODE=fresh PYTEST_ISOLATE_NO_ROOTLESS_LANE=1 -- "$@" || strict_rc=$?
+run_pass "fresh mode" PYTEST_ISOLATE_SUITE_MODE=fresh PYTEST_ISOLATE_NO_ROOTLESS_LANE=1 -- "$@" || strict_rc=$?
 
 docs_rc=0
 docs_state="skipped (no mkdocs.yml)"
@@ -72,7 +72,7 @@ fi
 
 section "summary"
 echo "docs:   $docs_state"
-for pass_rc in "default mode:$pytest_rc" "strict mode:$strict_rc"; do
+for pass_rc in "default mode:$pytest_rc" "fresh mode:$strict_rc"; do
     if [ "${pass_rc##*:}" -eq 0 ]; then
         echo "pytest, ${pass_rc%%:*}: ok"
     else

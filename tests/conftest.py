@@ -4,7 +4,6 @@ containers on this machine (no mocks of the kernel)."""
 from __future__ import annotations
 
 import os
-import re
 import time
 
 import pytest
@@ -67,11 +66,3 @@ def wait_for(probe, timeout: float):
         if not value or time.monotonic() > deadline:
             return value
         time.sleep(0.05)
-
-
-def outcome_counts(result: pytest.RunResult) -> dict[str, int]:
-    """The counts of the final summary line, e.g. {'passed': 3, 'failed': 1}."""
-    for line in reversed(result.outlines):
-        if line.startswith("=") and (" in " in line):
-            return {word: int(num) for num, word in re.findall(r"(\d+) (\w+)", line)}
-    return {}

@@ -26,10 +26,6 @@ import time
 
 PREFIX = "pytest-isolate-"
 CFS_PERIOD_US = 100_000
-# Processes of the runtime in the group, outside the container: the limits zygote.
-# It stands in for the container's init, which the factory spawns outside the group,
-# so that ``pids`` still counts the container's processes with its init, as in Docker.
-RUNTIME_PIDS = 0
 
 
 class CgroupError(Exception):
@@ -42,9 +38,6 @@ class Limits:
     memory_swap: int | None = None  # bytes of memory + swap, -1 for unlimited swap
     cpus: float | None = None
     pids: int | None = None
-
-    def any(self) -> bool:
-        return any(v is not None for v in dataclasses.astuple(self))
 
 
 @dataclasses.dataclass
@@ -135,7 +128,7 @@ class V1Group:
         quota = -1 if limits.cpus is None else max(int(limits.cpus * CFS_PERIOD_US), 1000)
         _write(self._file("cpu", "cpu.cfs_period_us"), CFS_PERIOD_US)
         _write(self._file("cpu", "cpu.cfs_quota_us"), quota)
-        _write(self._file("pids", "pids.max"), "max" if limits.pids is None else limits.pids + RUNTIME_PIDS)
+        _write(self._file("pids", "pids.max"), "max" if limits.pids is None else limits.pids)
 
     def reset(self) -> None:
         """Zero the peak so that it measures the next test only."""
@@ -204,7 +197,7 @@ class V2Group:
             _write(self._file("memory.swap.max"), swap_max)
         quota = "max" if limits.cpus is None else max(int(limits.cpus * CFS_PERIOD_US), 1000)
         _write(self._file("cpu.max"), f"{quota} {CFS_PERIOD_US}")
-        _write(self._file("pids.max"), "max" if limits.pids is None else limits.pids + RUNTIME_PIDS)
+        _write(self._file("pids.max"), "max" if limits.pids is None else limits.pids)
 
     def reset(self) -> None:
         if self._peak_fd is not None and self._resettable:
@@ -226,7 +219,7 @@ class V2Group:
             peak, self._highest = (peak if peak > self._highest else None), max(peak, self._highest)
         try:  # no kernel resets pids.peak: it tells this test's only if it rose now
             lifetime = int(_read(self._file("pids.peak")))
-            pids_peak = lifetime - RUNTIME_PIDS if lifetime > self._highest_pids else None
+            pids_peak = lifetime if lifetime > self._highest_pids else None
             self._highest_pids = max(lifetime, self._highest_pids)
         except (OSError, ValueError):
             pids_peak = None

@@ -30,7 +30,7 @@ collected items), so only the test is forked from (a zygote of) the host; everyt
 else is built by the small factory, usually while the previous test still runs.
 
 The payload is a function of the job it is given: in the default mode it runs an
-already-collected pytest item in the forked process; in the strict mode it execs a
+already-collected pytest item in the forked process; in mode "fresh" it execs a
 fresh interpreter. Both modes share every step above.
 
 Killing init ends the container: the kernel kills every process of its pid

@@ -97,14 +97,3 @@ def new_session() -> None:
         os.setsid()
     except OSError:  # already a session leader
         pass
-
-
-def describe_wait_status(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = f"signal {sig}"
-        return f"killed by signal {sig} ({name})"
-    return f"exited with status {os.WEXITSTATUS(status)}"

@@ -11,10 +11,11 @@ Two reasons not to fork tests from the host itself:
   migrate there (on cgroup v1 the first migration after a quiet spell waits ≈ 10 ms
   for an RCU grace period).
 
-A zygote holds the same collected items as the host; requests name the test and
-bring the fds it needs: the job pipe, then the container's namespaces, last. Test processes are its
-children: it reaps them, and reports an exit status only when the host asks (a test
-that crashed); tests that finished are reaped in passing.
+A zygote holds the same collected items as the host. A request brings the fds the
+test needs (its own files, the job pipe, the container's namespaces last); which
+test it runs, the test learns from its job pipe when it is its turn. Test processes
+are its children: it reaps each when the host asks, and tells the host its exit
+status and the resources it used; those that never ran are reaped in passing.
 """
 
 from __future__ import annotations
