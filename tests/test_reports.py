@@ -208,6 +208,25 @@ def test_junitxml_gets_testsuite_properties_of_isolated_tests(pytester, run) -> 
     assert props == {"build": "1234"}
 
 
+def test_junitxml_keeps_the_output_a_test_printed_before_it_crashed(pytester, run) -> None:
+    """With junit_logging=all, <system-out> of a test killed by SIGSEGV holds what it
+    printed before, as it does for an ordinary failure."""
+    pytester.makepyfile(test_out="""
+        import os, signal
+        def test_crash():
+            print("PRINTED-BEFORE-THE-CRASH", flush=True)
+            os.kill(os.getpid(), signal.SIGSEGV)
+        def test_fail():
+            print("PRINTED-BEFORE-THE-FAILURE")
+            assert 0
+    """)
+    run("--isolate", "--junitxml=out.xml", "-o", "junit_logging=all").assert_outcomes(failed=2)
+    outs = {case.get("name"): "".join(e.text or "" for e in case.iter("system-out"))
+            for case in ET.parse(pytester.path / "out.xml").getroot().iter("testcase")}
+    assert "PRINTED-BEFORE-THE-FAILURE" in outs["test_fail"]
+    assert "PRINTED-BEFORE-THE-CRASH" in outs["test_crash"]
+
+
 # -- -x and --lf --------------------------------------------------------------------------
 
 STOPPERS = '''
