@@ -115,27 +115,26 @@ def redirect_capture(config: pytest.Config, out_fd: int, err_fd: int) -> None:
     instead of the session's capture files, which every test of the host shares:
     what a test leaves running cannot write where the next test's output is read.
 
-    pytest's fd capture writes through its temporary file and through fd 1 and 2
-    (dup'ed onto it while capturing): both are pointed at the test's file."""
+    fd 1 and 2 go there too, unless the user asked for no capture (-s): otherwise
+    they would be the host's stderr, which is pytest's own output, a file the test
+    could write into or truncate. With fd capture, pytest's temporary files are
+    pointed at the test's files as well."""
+    if config.getoption("capture") == "no":
+        return
     capturing = getattr(config.pluginmanager.getplugin("capturemanager"), "_global_capturing", None)
-    for part, fd in ((getattr(capturing, "out", None), out_fd), (getattr(capturing, "err", None), err_fd)):
+    for part, fd, target in ((getattr(capturing, "out", None), out_fd, 1),
+                             (getattr(capturing, "err", None), err_fd, 2)):
+        os.dup2(fd, target)
+        # pytest keeps fd 1 and 2 as they were (the host's stderr) to restore them
+        # and for capsys.disabled(): in the test they lead to its own file too.
+        saved = getattr(part, "targetfd_save", None)
+        if isinstance(saved, int) and saved > 2:
+            os.dup2(fd, saved)
         try:
             tmpfile = part.tmpfile.fileno()
-        except Exception:  # no fd capture (-s, --capture=sys): nothing to redirect
+        except Exception:  # not fd capture (--capture=sys): no temporary file
             continue
-        targets = [tmpfile]
-        target = getattr(part, "targetfd", None)
-        if isinstance(target, int) and _same_file(target, tmpfile):
-            targets.append(target)
-        for target in targets:
-            os.dup2(fd, target)
-
-
-def _same_file(a: int, b: int) -> bool:
-    try:
-        return os.path.sameopenfile(a, b)
-    except OSError:
-        return False
+        os.dup2(fd, tmpfile)
 
 
 def _use_crash_log(config: pytest.Config, crash_fd: int, deadline: float | None) -> None:
@@ -149,7 +148,13 @@ def _use_crash_log(config: pytest.Config, crash_fd: int, deadline: float | None)
     try:  # pytest's own faulthandler_timeout writes there too
         from _pytest.faulthandler import fault_handler_stderr_fd_key
 
-        config.stash[fault_handler_stderr_fd_key] = crash_fd
+        # pytest's dup of the stderr it started with (in mode "fresh", the host's:
+        # pytest's own output) leads to the crash log as well.
+        old = config.stash.get(fault_handler_stderr_fd_key, None)
+        if isinstance(old, int) and old > 2 and old != crash_fd:
+            os.dup2(crash_fd, old)
+        else:
+            config.stash[fault_handler_stderr_fd_key] = crash_fd
     except Exception:
         pass
 

@@ -27,6 +27,7 @@ class Supervisor:
     a lost host still leaves the controller knowing how far the test got."""
 
     RELAY_AFTER = 0.25
+    RELAY_CHUNK = 1 << 20
 
     def __init__(self, test_pidfd: int, events_fd: int, deadline: float | None, kill: Callable[[], None],
                  relay: Callable[[bytes], None], cap: int) -> None:
@@ -51,16 +52,16 @@ class Supervisor:
                 self.deadline = None
                 self.kill()  # the process ends with its container: the pidfd says when
             if now >= next_relay:
-                chunk = self._read_new()
+                chunk = self._read_new(final=False)
                 if chunk:
                     self.relay(chunk)
                 next_relay = now + self.RELAY_AFTER
             wait = next_relay - now if self.deadline is None else min(self.deadline, next_relay) - now
             ready, _, _ = select.select([self.test_pidfd], [], [], max(wait, 0))
             if ready:
-                return self._read_new()
+                return self._read_new(final=True)
 
-    def _read_new(self) -> bytes:
+    def _read_new(self, final: bool) -> bytes:
         if self.tampered is not None:
             return b""
         size = os.fstat(self.events_fd).st_size
@@ -69,6 +70,12 @@ class Supervisor:
             self.kill()
             return b""
         if size <= self._offset:
+            return b""
+        if not final:  # a relay: a little at a time (the test is still writing)
+            size = min(size, self._offset + self.RELAY_CHUNK)
+        elif _written(self.events_fd, size) < size:  # events are written, never ftruncate()d
+            self.tampered = f"its events file has a hole (a size of {size} bytes set, not written)"
+            self.kill()
             return b""
         chunk = os.pread(self.events_fd, size - self._offset, self._offset)
         self._offset += len(chunk)
@@ -85,10 +92,21 @@ def read_capped(fd: int | None, cap: int, what: str) -> str:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_size <= 0:
             return ""
-        data = os.pread(fd, min(info.st_size, cap), 0)
+        written = _written(fd, info.st_size)
+        data = os.pread(fd, min(written, cap), 0)
     except OSError:
         return ""
     text = data.decode("utf-8", "replace")
-    if info.st_size > cap:
-        text += TRUNCATED.format(info.st_size - cap, what, cap)
+    if info.st_size > len(data):
+        text += TRUNCATED.format(info.st_size - len(data), what, cap)
     return text
+
+
+def _written(fd: int, size: int) -> int:
+    """Where the first hole of a file starts: a size set with ftruncate() reads as
+    NUL bytes that nobody wrote, and those are not output. (This moves the offset
+    the file shares with the test's fds: only once the test has ended.)"""
+    try:
+        return min(os.lseek(fd, 0, os.SEEK_HOLE), size)
+    except OSError:  # a file system without SEEK_HOLE: all of it counts
+        return size
