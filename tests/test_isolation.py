@@ -173,11 +173,18 @@ def test_rootless_container_root_is_the_user(pytester, run) -> None:
         f"""
         import pytest
 
+        import os, pytest
+
         @pytest.mark.isolated
         def test_mapping():
-            assert open("/proc/self/uid_map").read().split() == ["0", "{os.getuid()}", "1"]
+            # The user's own files are container root's; nothing else is mapped. (The
+            # map reads "0 0 1": it is a second namespace, inside the one mapping the user.)
+            assert os.stat(__file__).st_uid == 0 and os.getuid() == 0
+            assert open("/proc/self/uid_map").read().split() == ["0", "0", "1"]
+            assert os.stat("/").st_uid in (0, 65534) and os.stat("/usr").st_uid == 65534
         """
     )
+    assert os.stat(pytester.path).st_uid == os.getuid() != 0
     run().assert_outcomes(passed=1)
 
 
