@@ -125,13 +125,13 @@ class Analysis:
             out.append((_verdict(ours <= 1.5 * fork),
                         f"default-mode per-test overhead ≤ 1.5 × fork-only's: {ms(ours)} vs "
                         f"1.5 × {ms(fork)} = {ms(1.5 * fork)} (slope {pair})"))
-        strict, _, pair = self.per_test("strict")
+        fresh, _, pair = self.per_test("fresh")
         one = self.m("plain", "one-id")
-        if strict is None or one is None:
-            out.append(("n/a", "strict per-test cost ≤ one plain `pytest NODEID` + 15 ms: not measured"))
+        if fresh is None or one is None:
+            out.append(("n/a", "fresh per-test cost ≤ one plain `pytest NODEID` + 15 ms: not measured"))
         else:
-            out.append((_verdict(strict <= one + 0.015),
-                        f"strict per-test cost ≤ one plain `pytest NODEID` + 15 ms: {ms(strict)} vs "
+            out.append((_verdict(fresh <= one + 0.015),
+                        f"fresh per-test cost ≤ one plain `pytest NODEID` + 15 ms: {ms(fresh)} vs "
                         f"{ms(one)} + 15 ms (slope {pair})"))
         heavy, (_, trivial, _) = self.heavy_per_test("default"), self.per_test("default")
         if heavy is None or trivial is None:

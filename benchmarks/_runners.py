@@ -29,7 +29,7 @@ RUNNERS = [
     Runner("plain", "plain pytest", False, xdist=True),
     Runner("forkonly", "fork only (benchmarks/forkonly.py)", False, ("-p", "forkonly"), xdist=True),
     Runner("default", "pytest-isolate, default (fork) mode", False, ("--isolate",), xdist=True),
-    Runner("strict", "pytest-isolate, strict (fresh) mode", True,
+    Runner("fresh", "pytest-isolate, fresh mode", True,
            ("--isolate", "--isolate-mode=fresh"), xdist=True),
     Runner("bwrap", "bwrap, one pytest per test", True, sandbox="bwrap", tool="bwrap"),
     Runner("crun", "crun, one container per test", True, sandbox="crun", tool="crun",
@@ -44,7 +44,7 @@ def unavailable(runner: Runner, python: str) -> str | None:
         return "not installed"
     if runner.root_only and os.geteuid() != 0:
         return "not run: needs root here (rootless crun needs a user-namespace bundle)"
-    if runner.key in ("default", "strict"):
+    if runner.key in ("default", "fresh"):
         probe = subprocess.run([python, "-c", "import pytest_isolate"], capture_output=True,
                                timeout=60)
         if probe.returncode != 0:

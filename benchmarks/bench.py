@@ -211,7 +211,7 @@ def main() -> int:
     elapsed = time.perf_counter() - started
 
     a = Analysis(cells, runners, args.reps)
-    cap_note = (f"per-process runners (strict, bwrap, crun, podman) are capped at N ≤ {cap}"
+    cap_note = (f"per-process runners (fresh, bwrap, crun, podman) are capped at N ≤ {cap}"
                 + ("" if args.full else " and skip the heavy and sleepy modules") + "; --full runs them all")
     tables, notes = build(a, workloads, skipped, None if measure_memory else memory_why, cap_note)
     text = render_text(tables, notes)

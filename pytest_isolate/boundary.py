@@ -3,7 +3,7 @@ controller acts on it.
 
 A test is hostile code, and so is a container host, which imports the test modules
 to collect them. So everything they send is untrusted input: the events a test
-wrote (runtime/events.py decodes them, safely, within a cap), and the messages of
+wrote (runtime/link.py decodes them, safely, within a cap), and the messages of
 its host. This module checks each: its type, its fields, their sizes; and that the
 reports are for the running item, in phase order, each phase once. Nothing is ever
 imported, unpickled or evaluated because a container said so.
@@ -312,9 +312,6 @@ def check_done(data: Any, events_cap: int, capture_cap: int) -> dict:
         "duration": max(number(data.get("duration", 0.0), "the duration"), 0.0),
         "rusage": {"cpu_seconds": number(rusage.get("cpu_seconds"), "CPU time", none=True),
                    "max_rss": integer(rusage.get("max_rss"), "peak memory", 0, 1 << 62, none=True)},
-        "not_collected": text(data.get("not_collected"), "why it was not collected", MAX_TEXT, none=True),
-        "container_error": check_problem(data["container_error"], "a container error")
-        if data.get("container_error") is not None else None,
     }
     chunk = data.get("events", b"")
     if not isinstance(chunk, bytes) or len(chunk) > events_cap:

@@ -3,8 +3,6 @@ what their containers report as ordinary pytest reports."""
 
 from __future__ import annotations
 
-import json
-import marshal
 import os
 import select
 import signal
@@ -20,8 +18,9 @@ import pytest
 from . import boundary, images, remote
 from .limits import Limiter, human
 from .replay import Replay
-from .options import LANDLOCK_WRITABLE, Settings
-from .runtime import launch, paths, rootfs
+from .hardening import seccomp_programs
+from .options import DEFAULT_HOSTNAME, LANDLOCK_WRITABLE, Settings
+from .runtime import launch, link, paths, rootfs
 
 # Options that must differ in a container host (xdist's remote does the same).
 HOST_OPTION_OVERRIDES = {
@@ -101,40 +100,36 @@ class ContainerHost:
 
     def start(self) -> None:
         started = time.perf_counter()
-        spec = {"entries": self.entries, "sources": self.sources, "cwd": self.cwd, "hostname": "isolated"}
         xspec = execnet.XSpec("popen")
-        xspec.python = launch.launcher_command(spec, sys.executable)
+        xspec.python = launch.launcher_command(sys.executable, entries=self.entries, sources=self.sources,
+                                               cwd=self.cwd, hostname=DEFAULT_HOSTNAME)
         try:
             self.gateway = self.controller.group.makegateway(xspec)
             self.channel = self.gateway.remote_exec(remote)
         except (*LINK_ERRORS, execnet.HostNotFound) as exc:
             raise _lost_link(exc) from None
         config = self.controller.config
-        self._send(("start", {
-            "entries": self.entries, "args": self.args, "option_dict": _plain_options(config.option),
-            "workerinput": self.controller.workerinput, "sys_path": list(sys.path), "argv": list(sys.argv),
-            "collect": self.mode == "fork",
-        }))
+        self._send("start", entries=self.entries, args=self.args, option_dict=_plain_options(config.option),
+                   workerinput=self.controller.workerinput, sys_path=list(sys.path), argv=list(sys.argv),
+                   collect=self.mode == "fork")
         try:
             name, data = self._receive()
         except HostError as exc:
             raise HostError(f"the container host failed while starting ({exc})") from None
         if name == "host_error":
-            message = boundary.text(data.get("message") if isinstance(data, dict) else None, "the host's error",
-                                    MAX_HOST_TEXT, none=True)
+            message = boundary.text(data["message"], "the host's error", MAX_HOST_TEXT, none=True)
             raise HostError(
                 f"the container host could not be built: {message}\n"
                 "Run `python -m pytest_isolate doctor` to see what this machine offers."
             )
         if name != "ready":
-            raise HostError(f"the container host answered {name[:40]!r} instead of starting")
+            raise HostError(f"the container host answered {name} instead of starting")
         try:
-            data = boundary.mapping(data, "the host's start")
-            self.collected = boundary.integer(data.get("collected", 0), "the number collected", 0, 1 << 40)
-            self.rss = boundary.integer(data.get("rss"), "the host's memory", 0, 1 << 62, none=True)
+            self.collected = boundary.integer(data["collected"], "the number collected", 0, 1 << 40)
+            self.rss = boundary.integer(data["rss"], "the host's memory", 0, 1 << 62, none=True)
             self.notes = [boundary.text(n, "a note", MAX_HOST_TEXT) for n in
-                          boundary.sequence(data.get("notes", []), "the host's notes")][:100]
-            self._watch(boundary.integer(data.get("host_pid"), "the host's pid", 1, 1 << 30, none=True))
+                          boundary.sequence(data["notes"], "the host's notes")][:100]
+            self._watch(boundary.integer(data["host_pid"], "the host's pid", 1, 1 << 30, none=True))
         except boundary.Tampering as exc:
             self.kill()
             raise HostError(f"the container host sent a broken start message ({exc})") from None
@@ -184,18 +179,21 @@ class ContainerHost:
             if pidfd is not None:
                 os.close(pidfd)
 
-    def _receive(self, timeout: float | None = None) -> tuple[str, Any]:
+    def _receive(self, timeout: float | None = None) -> tuple[str, dict]:
+        """The host's next message (runtime/link.py: its name and fields checked; the
+        fields' values are the caller's to check)."""
         try:
             message = self.channel.receive(timeout)
         except LINK_ERRORS as exc:
             raise _lost_link(exc) from None
-        if not (isinstance(message, tuple) and len(message) == 2 and isinstance(message[0], str)):
-            raise HostError("the container host sent something that is not a message")
-        return message
-
-    def _send(self, message: tuple[str, dict]) -> None:
         try:
-            self.channel.send(message)
+            return link.check(message, link.FROM_HOST)
+        except link.Unexpected as exc:
+            raise HostError(f"the container host broke its protocol ({exc})") from None
+
+    def _send(self, name: str, /, **fields) -> None:
+        try:
+            self.channel.send(link.message(name, **fields))
         except LINK_ERRORS as exc:
             raise _lost_link(exc) from None
 
@@ -203,11 +201,11 @@ class ContainerHost:
         """The pid of the host's limits zygote (started on first use): checked to lie in
         the host's pid namespace, since the controller writes it into cgroup.procs."""
         if self._zygote_pid is None:
-            self._send(("zygote", {}))
+            self._send("zygote")
             name, data = self._receive(60)
-            if name != "zygote" or not isinstance(data, dict):
-                raise HostError(f"the container host answered {name[:40]!r} instead of starting its zygote")
-            pid = data.get("pid")
+            if name != "zygote_pid":
+                raise HostError(f"the container host answered {name} instead of starting its zygote")
+            pid = data["pid"]
             if isinstance(pid, bool) or not isinstance(pid, int) or not self._in_host(pid):
                 raise HostError(f"the container host named a zygote that is not its own ({str(pid)[:20]})")
             self._zygote_pid = pid
@@ -225,9 +223,10 @@ class ContainerHost:
             return False
         return (ns.st_dev, ns.st_ino) == (theirs.st_dev, theirs.st_ino)
 
-    def run(self, nodeid: str, settings: Settings, fresh_arg: str, plan, caps: tuple[int, int]):
-        """Send one test and yield what comes back: ("events", bytes) now and then, and
-        last ("done", {...}). Unchecked: the caller checks (see replay.py)."""
+    def run(self, nodeid: str, settings: Settings, fresh_arg: str, plan, caps: tuple[int, int],
+            programs: list[str]):
+        """Send one test and yield what comes back: ("events", {chunk}) now and then,
+        and last ("done", {...}). Their values unchecked: the caller checks (replay.py)."""
         mounts = [
             {"type": "bind", "dst": m.dst, "stage_src": rootfs.source_path(self.controller.source_index(m)),
              "ro": m.readonly, "src": m.src}
@@ -238,23 +237,20 @@ class ContainerHost:
             landlock = list(LANDLOCK_WRITABLE) + [m.dst for m in settings.mounts if not m.readonly]
             landlock += list(settings.landlock)
         events_cap, capture_cap = caps
-        # Per-test messages to the host travel marshal-encoded: execnet then carries
-        # one bytes object instead of serialising nested containers in Python. (The
-        # host decodes what the controller sent; nothing goes the other way so.)
-        self._send(("run", marshal.dumps({
-            "nodeid": nodeid, "mode": settings.mode, "timeout": settings.timeout, "fresh_arg": fresh_arg,
-            "seccomp": self.controller.seccomp_profile(settings.seccomp),
-            "in_zygote": plan.group is not None, "events_cap": events_cap, "capture_cap": capture_cap,
-            "container_config": {"hostname": settings.hostname, "env": dict(settings.env),
-                                 "mounts": mounts, "cwd": self.cwd, "cap_add": list(settings.cap_add),
-                                 "system_paths": settings.system_paths, "landlock": landlock,
-                                 "rlimits": [list(limit) for limit in plan.rlimits]},
-        })))
+        self._send("run", nodeid=nodeid, mode=settings.mode, timeout=settings.timeout, fresh_arg=fresh_arg,
+                   seccomp_programs=programs, in_zygote=plan.group is not None, events_cap=events_cap,
+                   capture_cap=capture_cap,
+                   container_config={"hostname": settings.hostname, "env": dict(settings.env),
+                                     "mounts": mounts, "cwd": self.cwd, "cap_add": list(settings.cap_add),
+                                     "system_paths": settings.system_paths, "landlock": landlock,
+                                     "rlimits": [list(limit) for limit in plan.rlimits]})
         # The host ends the test at its timeout; this only guards against a host that
         # does not. The deadline is fixed now: nothing the host sends moves it.
         deadline = None if settings.timeout is None else time.monotonic() + settings.timeout + WATCHDOG_GRACE
         while True:
             name, data = self._receive(None if deadline is None else max(deadline - time.monotonic(), 0.001))
+            if name not in ("events", "done"):
+                raise HostError(f"the container host sent {name} while a test ran")
             yield name, data
             if name == "done":
                 return
@@ -262,7 +258,7 @@ class ContainerHost:
     def close(self) -> None:
         if self.channel is not None:
             try:
-                self.channel.send(("shutdown", {}))
+                self.channel.send(link.message("shutdown"))
                 self.channel.waitclose(10)
             except Exception:
                 self.kill()
@@ -287,7 +283,6 @@ class Controller:
         self.failed_hosts: dict[tuple[str, str], str] = {}
         self.sources: list[dict] = []
         self._images: dict[str, list[dict]] = {}
-        self._profiles: dict[str, dict] = {}
         self._source_index: dict[tuple[str, bool], int] = {}
         self.workerinput = dict(getattr(config, "workerinput", None) or {
             "workerid": "master", "workercount": 1, "testrunuid": uuid.uuid4().hex,
@@ -296,19 +291,6 @@ class Controller:
         self.tests_run = 0
         self.limiter = Limiter()
         self.usages: list = []
-
-    def seccomp_profile(self, setting: str) -> dict | None:
-        """What the host compiles: None (unconfined), {} (the default profile, with
-        the terminal-injection filter), or a user's profile (read once here: the
-        host cannot see its path)."""
-        if setting == "unconfined":
-            return None
-        if setting == "default":
-            return {}
-        if setting not in self._profiles:
-            with open(setting) as f:
-                self._profiles[setting] = json.load(f)
-        return self._profiles[setting]
 
     def image_entries(self, image: str) -> list[dict]:
         if image not in self._images:
@@ -362,12 +344,17 @@ class Controller:
         try:
             host = self.host_for(settings)
             plan = self.limiter.plan(settings, host)
+            try:
+                programs = seccomp_programs(settings.seccomp, settings.cap_add)
+            except Exception as exc:  # e.g. no libseccomp: this test errors, the run goes on
+                replay.cannot_start(str(exc), "seccomp profile")
+                programs = None
             if plan.error:
                 replay.host_failed(plan.error)
-            else:
+            elif programs is not None:
                 try:
-                    for name, data in host.run(item.nodeid, settings, self._fresh_arg(item), plan, caps):
-                        replay.handle(name, data)
+                    for name, data in host.run(item.nodeid, settings, self._fresh_arg(item), plan, caps, programs):
+                        getattr(replay, "host_" + name)(data)
                 except boundary.Tampering as exc:  # the host itself broke the protocol
                     raise HostError(f"the container host sent a broken message ({exc}); it was killed") from None
                 replay.usage = self.limiter.usage(plan, replay.done)

@@ -1,46 +1,66 @@
 """Mode "fresh": the interpreter a test's container execs to collect and run one node id.
 
-Started by the container host's payload (remote.Host._fresh_payload) with its job in
-PYTEST_ISOLATE_JOB; like remote.py it imports nothing of the plugin, and reports
-through the same events (remote.ContainerReporter), into the same files of its own.
+``payload`` is what the container host gives its zygote in this mode: the test
+process execs a new interpreter with its job in PYTEST_ISOLATE_JOB (a "fresh_job"
+message). Like remote.py this imports nothing of the plugin; the new session
+reports through the same reporter (reporter.py), into the test's own files.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import pytest
 
-from pytest_isolate import remote
-from pytest_isolate.runtime import events
+from pytest_isolate import reporter
+from pytest_isolate.runtime import link
+
+JOB_ENV = "PYTEST_ISOLATE_JOB"
 
 
-class FreshRunner(remote.ContainerReporter):
-    """Mode "fresh": a new interpreter that collects and runs a single node id."""
+def payload(start: dict):
+    """The test process's payload in mode "fresh" (``start``: the host's "start")."""
+    session = {key: start[key] for key in ("option_dict", "workerinput", "sys_path", "argv")}
 
-    def __init__(self, config: pytest.Config, job: dict) -> None:
-        super().__init__(config)
+    def exec_fresh_interpreter(job: dict, files: dict) -> None:
+        for fd in files.values():
+            os.set_inheritable(fd, True)
+        os.environ[JOB_ENV] = link.to_text("fresh_job", job=job, files=files, start=session)
+        os.execv(sys.executable, [sys.executable, "-c", "from pytest_isolate.fresh import main; main()"])
+
+    return exec_fresh_interpreter
+
+
+class FreshRunner:
+    """Collects the session (its node id alone) and runs the one item."""
+
+    def __init__(self, config: pytest.Config, job: dict, files: dict) -> None:
+        self.reporter = reporter.TestReporter(config, files, job["capture_cap"])
         self.job = job
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtestloop(self, session: pytest.Session) -> bool:
-        job = self.job
-        items = [i for i in session.items if i.nodeid == job["nodeid"]]
+        items = [i for i in session.items if i.nodeid == self.job["nodeid"]]
         if not items:
-            events.send(job["files"]["events"], "not_collected", {"message": "not collected by a fresh pytest"})
+            self.reporter.send("not_collected", message="not collected by a fresh pytest")
             return True
-        self.run_item(items[0], job["files"], job["deadline"], job["capture_cap"])
+        self.reporter.run_item(items[0], self.job["deadline"])
         return True
 
 
 def main() -> None:
-    job = json.loads(os.environ.pop(remote.JOB_ENV))
-    sys.path[:] = job["sys_path"]
-    sys.argv[:] = job["argv"]
-    remote.quiet_session_output()
-    config = remote.make_config(job["option_dict"], job["args"], job["workerinput"])
-    config.pluginmanager.register(FreshRunner(config, job), "isolate-fresh")
+    message = link.from_text(os.environ.pop(JOB_ENV), "fresh_job")
+    start, job = message["start"], message["job"]
+    files = {name: int(fd) for name, fd in message["files"].items()}
+    sys.path[:] = start["sys_path"]
+    sys.argv[:] = start["argv"]
+    reporter.quiet_session_output()
+    config = reporter.make_config(start["option_dict"], [job["fresh_arg"]], start["workerinput"])
+    fixtures = reporter.ContainerFixtures()
+    config.pluginmanager.register(fixtures, "isolate-fixtures")
+    runner = FreshRunner(config, job, files)
+    fixtures.reporter = runner.reporter
+    config.pluginmanager.register(runner, "isolate-fresh")
     config.hook.pytest_cmdline_main(config=config)
     os._exit(0)

@@ -7,7 +7,6 @@ Every value is checked here, before any container starts; a bad one is a
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from typing import Any, Callable
@@ -15,7 +14,6 @@ from typing import Any, Callable
 MODES = ("fork", "fresh")
 IMAGES = ("host",)
 DEFAULT_HOSTNAME = "isolated"
-MAX_PROFILE_SIZE = 1 << 20
 PID_MAX_LIMIT = 4194304  # the kernel's largest pids.max
 MAX_INT64 = (1 << 63) - 1
 DEFAULT_CAPTURE_LIMIT = 8 << 20
@@ -204,86 +202,6 @@ def parse_mounts(value: Any, base: str) -> tuple[Mount, ...]:
     return tuple(mounts)
 
 
-def parse_seccomp(value: Any, base: str) -> str:
-    """"default", "unconfined", or the path of a profile in Docker's JSON format."""
-    accepted = "'default', 'unconfined', or the path of a seccomp profile in Docker's JSON format"
-    if value in ("default", "unconfined"):
-        return value
-    if not isinstance(value, str) or not value:
-        raise OptionError(f"got {_show(value)}; accepted: {accepted}")
-    _no_nul(value, "the profile path")
-    path = os.path.realpath(os.path.join(base, os.path.expanduser(value)))
-    try:
-        if not os.path.isfile(path):
-            raise OptionError(f"{path!r} is not a regular file; accepted: {accepted}")
-        if os.path.getsize(path) > MAX_PROFILE_SIZE:
-            raise OptionError(f"{path!r} is larger than {MAX_PROFILE_SIZE} bytes; accepted: {accepted}")
-        with open(path) as f:
-            profile = json.load(f)
-    except OSError as exc:
-        raise OptionError(f"cannot read {path!r}: {exc.strerror}; accepted: {accepted}") from None
-    except (ValueError, RecursionError) as exc:
-        raise OptionError(f"{path!r} is not JSON ({_show(str(exc))}); accepted: {accepted}") from None
-    from .runtime import seccomp
-
-    try:  # check it and compile it once now, so that a bad profile is a usage error
-        seccomp.validate_profile(profile)
-        seccomp.compile_profile(profile)
-    except seccomp.SeccompError as exc:
-        raise OptionError(f"{path!r}: {exc}") from None
-    return path
-
-
-def parse_cap_add(value: Any, base: str) -> tuple[str, ...]:
-    """Capability names, with or without CAP_, any case; "ALL" grants every one."""
-    from .runtime.capabilities import NUMBERS
-
-    if isinstance(value, str):
-        value = [v for v in value.replace(",", " ").split()]
-    if not isinstance(value, (list, tuple)):
-        raise OptionError(f"got {_show(value)}; accepted: a list of capability names, e.g. ['CAP_NET_ADMIN']")
-    names = set()
-    for item in value:
-        name = item.upper() if isinstance(item, str) and item.isascii() else None
-        if name == "ALL":
-            names.update(NUMBERS)
-            continue
-        if name and not name.startswith("CAP_"):
-            name = "CAP_" + name
-        if name not in NUMBERS:
-            raise OptionError(f"unknown capability {_show(item)}; accepted: names from capabilities(7), "
-                              "e.g. CAP_NET_ADMIN, or ALL")
-        names.add(name)
-    return tuple(sorted(names, key=NUMBERS.get))
-
-
-def parse_landlock(value: Any, base: str) -> tuple[str, ...] | None:
-    """False/None: off. True: writes only to /tmp, /dev/shm, the devices and :rw
-    mounts. A list (or comma-separated string): those paths are writable too."""
-    if isinstance(value, str):
-        lowered = value.strip().lower()
-        if lowered in ("", "0", "false", "off", "no", "none"):
-            return None
-        if lowered in ("1", "true", "on", "yes"):
-            return ()
-        value = [v.strip() for v in value.split(",") if v.strip()]
-    if value is None or value is False:
-        return None
-    if value is True:
-        return ()
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.startswith("/") for v in value):
-        raise OptionError(f"got {_show(value)}; accepted: True, False, or a list of absolute paths "
-                          "(inside the container) that stay writable")
-    return tuple("/" + os.path.normpath(_no_nul(v, "the path")).lstrip("/") for v in value)
-
-
-def parse_system_paths(value: Any, base: str) -> str:
-    if value not in ("masked", "unconfined"):
-        raise OptionError(f"got {_show(value)}; accepted: 'masked' (Docker's masked and read-only "
-                          "/proc and /sys paths) or 'unconfined'")
-    return value
-
-
 _SIZE = re.compile(r"\s*([0-9]{1,20}(?:\.[0-9]{1,9})?)\s*([kmgtp]?)(i?b?)\s*", re.IGNORECASE | re.ASCII)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 
@@ -401,6 +319,11 @@ def parse_capture_limit(value: Any, base: str) -> int:
     if not 4096 <= size <= MAX_CAPTURE_LIMIT:
         raise OptionError(f"got {_show(value)}; accepted: a size from 4k to 1g (default 8m)")
     return size
+
+
+from .hardening import (  # noqa: E402 - they use OptionError and _show above
+    parse_cap_add, parse_landlock, parse_seccomp, parse_system_paths,
+)
 
 
 @dataclasses.dataclass(frozen=True)

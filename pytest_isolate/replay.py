@@ -24,7 +24,7 @@ import pytest
 
 from . import boundary
 from .options import Settings
-from .runtime import events
+from .runtime import link
 
 
 def _signal_name(number: int) -> str:
@@ -55,7 +55,7 @@ class Replay:
         self.config = item.config
         self.events_cap = events_cap
         self.capture_cap = capture_cap
-        self.reader = events.Reader(events_cap)
+        self.reader = link.Reader(events_cap)
         self.phases = boundary.Phases()
         self.reports: list[pytest.TestReport] = []
         self.warnings: list[dict] = []
@@ -69,34 +69,29 @@ class Replay:
 
     # -- what comes in -----------------------------------------------------------------------
 
-    def handle(self, name: str, data) -> None:
-        """A message of the host: ("events", bytes) or ("done", {...})."""
-        if name == "events":
-            if not isinstance(data, bytes):
-                raise boundary.Tampering("events that are not bytes")
-            self._feed(data)
-        elif name == "done":
-            self.done = boundary.check_done(data, self.events_cap, self.capture_cap)
-            self._feed(self.done.pop("events"))
-            if self.done["tampered"] and not self.tampered:
-                self.tampered = self.done["tampered"]
-            if self.done["not_collected"] is not None:
-                self.problem = (f"pytest-isolate: {self.item.nodeid} was not collected in its "
-                                f"container host:\n{self.done['not_collected']}")
-            if self.done["container_error"] is not None:
-                self._container_error(self.done["container_error"])
-        else:
-            raise boundary.Tampering(f"an unknown message {name[:40]!r} from the host")
+    def host_events(self, data: dict) -> None:
+        """What a long test wrote so far."""
+        if not isinstance(data["chunk"], bytes):
+            raise boundary.Tampering("events that are not bytes")
+        self._feed(data["chunk"])
+
+    def host_done(self, data: dict) -> None:
+        """What the host saw of the test (its own observations), and the rest of its events."""
+        self.done = boundary.check_done(data, self.events_cap, self.capture_cap)
+        self._feed(self.done.pop("events"))
+        if self.done["tampered"] and not self.tampered:
+            self.tampered = self.done["tampered"]
 
     def _feed(self, chunk: bytes) -> None:
         if self.tampered:
             return
         try:
-            for event, data in self.reader.feed(chunk):
-                handler = getattr(self, "event_" + event, None)
-                if handler is None:
-                    raise boundary.Tampering(f"an unknown event {event[:40]!r}")
-                handler(data)
+            for message in self.reader.feed(chunk):
+                try:
+                    event, data = link.check(message, link.TEST_EVENTS)
+                except link.Unexpected as exc:
+                    raise boundary.Tampering(f"an unexpected event: {exc}") from None
+                getattr(self, "event_" + event)(data)
             if self.reader.problem:
                 raise boundary.Tampering(f"its event stream broke: {self.reader.problem}")
         except boundary.Tampering as exc:
@@ -135,6 +130,9 @@ class Replay:
 
     def event_not_collected(self, data) -> None:
         self.problem = f"pytest-isolate: {boundary.check_problem(data, 'not collected')['message']}"
+
+    def cannot_start(self, message: str, step: str) -> None:
+        self._container_error({"message": message, "step": step})
 
     def _container_error(self, data: dict) -> None:
         self.problem = (f"pytest-isolate could not start the test's container "

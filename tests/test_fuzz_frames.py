@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from pytest_isolate import boundary
 from pytest_isolate.options import Settings
 from pytest_isolate.replay import Replay
-from pytest_isolate.runtime import events
+from pytest_isolate.runtime import link
 
 ITEM = "test_item.py::test_x"
 VICTIM = "test_item.py::test_victim"
@@ -40,7 +40,7 @@ def report(nodeid: str, when: str, outcome: str, **extra) -> dict:
 
 
 report_frames = st.builds(
-    lambda nodeid, when, outcome, extra: events.encode("report", {"data": report(nodeid, when, outcome, **extra)}),
+    lambda nodeid, when, outcome, extra: link.encode("report", {"data": report(nodeid, when, outcome, **extra)}),
     st.sampled_from([ITEM, ITEM, VICTIM, ""]),
     st.sampled_from(["setup", "call", "teardown", "bogus"]),
     st.sampled_from(["passed", "failed", "skipped", "rerun", "weird"]),
@@ -48,7 +48,7 @@ report_frames = st.builds(
                                      "keywords", "user_properties", "_subtest.context", "head_line"]),
                     json_values, max_size=2),
 )
-event_frames = st.builds(lambda name, data: events.encode(name, data), st.sampled_from(NAMES),
+event_frames = st.builds(lambda name, data: link.encode(name, data), st.sampled_from(NAMES),
                          st.dictionaries(st.sampled_from(["data", "warning", "nodeid", "when", "name", "value",
                                                           "reason", "returncode", "message", "step", "location"]),
                                          json_values, max_size=4))
@@ -74,11 +74,11 @@ SLOW_OK = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, H
 @given(st.binary(max_size=512) | streams())
 @SLOW_OK
 def test_the_reader_never_raises_on_any_bytes(data: bytes) -> None:
-    reader = events.Reader(cap=1 << 16)
+    reader = link.Reader(cap=1 << 16)
     for cut in (0, len(data) // 3, len(data)):
         for name, payload in reader.feed(data[:cut]) + reader.feed(data[cut:]) if cut else reader.feed(data):
             assert isinstance(name, str) and isinstance(payload, dict)
-        reader = events.Reader(cap=1 << 16)
+        reader = link.Reader(cap=1 << 16)
     assert reader.problem is None or isinstance(reader.problem, str)
 
 
@@ -123,8 +123,8 @@ def test_any_stream_ends_in_one_outcome_of_its_own_test(item_and_recorder, strea
     recorder.reports.clear()
     replay = Replay(item, Settings(), 1 << 20, 1 << 16)
     half = len(stream) // 2  # the first half as a long test's relay, the rest with "done"
-    replay.handle("events", stream[:half])
-    replay.handle("done", {"status": status, "duration": 0.5, "events": stream[half:]})
+    replay.host_events({"chunk": stream[:half]})
+    replay.host_done({"status": status, "duration": 0.5, "events": stream[half:]})
     try:
         replay.finish(None)
     except pytest.exit.Exception:  # a well-formed pytest.exit() of a test that exited 0

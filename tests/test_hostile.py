@@ -33,7 +33,7 @@ TAMPERED = "tampered with its report channel"
 COMMON = '''
 import ctypes, errno, os, site, stat, struct, sys, time
 import pytest
-from pytest_isolate.runtime import events
+from pytest_isolate.runtime import link
 
 def channel():
     for fd in os.listdir("/proc/self/fd"):
@@ -48,7 +48,7 @@ def me():
     return os.environ["PYTEST_CURRENT_TEST"].rsplit(" ", 1)[0]
 
 def send(name, data):
-    events.send(channel(), name, data)
+    link.send(channel(), name, data)
 
 def raw(data):
     os.write(channel(), data)
@@ -267,7 +267,7 @@ def test_timed_out_container_is_gone_before_the_next_test(pytester, run, mode: s
 MALFORMED = {
     "garbage": r'raw(b"\x00\x00\x00\x10" + b"\xff\xfe\xfd\xfc" * 4)',
     "length_ffffffff": r'raw(b"\xff\xff\xff\xff" + b"\x00" * 16)',
-    "truncated": 'raw(events.encode("report", report())[:-5])',
+    "truncated": 'raw(link.encode("report", report())[:-5])',
     "not_a_frame": "raw(frame(b'\"report\"'))",
     "data_is_a_list": 'send("report", [1, 2, 3])',
     "nodeid_int": 'send("report", report(nodeid=7))',

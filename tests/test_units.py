@@ -11,7 +11,7 @@ import time
 import pytest
 
 from pytest_isolate import images, options
-from pytest_isolate.runtime import events, rootfs, tiny_init
+from pytest_isolate.runtime import link, rootfs, tiny_init
 
 
 class NotJSON:
@@ -20,16 +20,16 @@ class NotJSON:
 
 
 def test_events_survive_any_split_of_the_stream() -> None:
-    stream = events.encode("report", {"data": {"x": [1, 2.5, None, "é"]}}) + events.encode("warning", {})
+    stream = link.encode("report", {"data": {"x": [1, 2.5, None, "é"]}}) + link.encode("warning", {})
     for cut in range(len(stream) + 1):
-        reader = events.Reader()
+        reader = link.Reader()
         got = reader.feed(stream[:cut]) + reader.feed(stream[cut:])
         assert got == [("report", {"data": {"x": [1, 2.5, None, "é"]}}), ("warning", {})]
         assert reader.leftover() == 0 and reader.problem is None
 
 
 def test_values_json_cannot_carry_travel_as_their_repr() -> None:
-    [(name, data)] = events.Reader().feed(events.encode("report", {"prop": NotJSON(), "ok": (1,)}))
+    [(name, data)] = link.Reader().feed(link.encode("report", {"prop": NotJSON(), "ok": (1,)}))
     assert (name, data) == ("report", {"prop": "<NotJSON>", "ok": [1]})
 
 
@@ -43,16 +43,16 @@ def test_values_json_cannot_carry_travel_as_their_repr() -> None:
     struct.pack(">I", 20003) + b"[" * 10001 + b"]" * 10001 + b"\n",  # nested too deep
 ])
 def test_a_corrupt_stream_stops_the_reader_with_a_problem_not_an_exception(garbage: bytes) -> None:
-    reader = events.Reader(cap=1 << 20)
-    got = reader.feed(events.encode("ok", {}) + garbage + events.encode("after", {}))
+    reader = link.Reader(cap=1 << 20)
+    got = reader.feed(link.encode("ok", {}) + garbage + link.encode("after", {}))
     assert got == [("ok", {})]
     assert reader.problem
-    assert reader.feed(events.encode("more", {})) == []
+    assert reader.feed(link.encode("more", {})) == []
 
 
 def test_the_reader_takes_no_more_than_its_cap() -> None:
-    frame = events.encode("x", {"y": "z" * 100})
-    reader = events.Reader(cap=len(frame) * 3)
+    frame = link.encode("x", {"y": "z" * 100})
+    reader = link.Reader(cap=len(frame) * 3)
     assert len(reader.feed(frame * 3)) == 3
     assert reader.feed(frame) == [] and "more than" in reader.problem
 
@@ -150,17 +150,18 @@ def test_a_host_that_cannot_start_pytest_reports_why_with_the_stage_notes(monkey
     class Channel:
         def receive(self):
             return "start", {"sys_path": list(sys.path), "argv": list(sys.argv), "option_dict": {}, "args": [],
-                             "workerinput": {}}
+                             "workerinput": {}, "entries": [], "collect": True}
 
         def send(self, message):
             sent.append(message)
 
-    monkeypatch.setattr(remote, "make_config", unreadable)
-    monkeypatch.setattr(remote, "quiet_session_output", lambda: 1)
+    monkeypatch.setattr(remote.reporter, "make_config", unreadable)
+    monkeypatch.setattr(remote.reporter, "quiet_session_output", lambda: 1)
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setattr(sys, "argv", list(sys.argv))
-    monkeypatch.setenv(launch.HOST_NOTES_ENV, '["/project is not idmapped (Invalid argument (errno 22))"]')
-    monkeypatch.delenv(launch.HOST_ERROR_ENV, raising=False)
+    monkeypatch.setenv(launch.LAUNCHED_ENV, link.to_text(
+        "launched", error=None, notes=["/project is not idmapped (Invalid argument (errno 22))"],
+        factory_fd=None, mounts_unlocked=None))
     remote.serve(Channel())
     assert sent == [("host_error", {"message": "pytest could not start there (Permission denied (errno 13): "
                                                "/project/pytest.toml); /project is not idmapped "

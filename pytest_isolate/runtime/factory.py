@@ -4,119 +4,31 @@ Forking is what a container costs most: the kernel copies the forking process's 
 tables, and every page the child writes to is copied again. The container host holds
 pytest and the collected tests (tens to hundreds of MB), so the parts of a container
 that need none of that (namespaces, the root filesystem, init) are made by this
-factory instead: the host's child, forked before the host exec'd its interpreter,
-so its one fork per container (init) is cheap, and what it builds it builds in
-itself, never in a fresh copy of its memory.
+factory instead: the host's child, forked before the host exec'd its interpreter
+(launch.py), so its one fork per container (init) is cheap, and what it builds it
+builds in itself, never in a fresh copy of its memory. It gets the image's entries
+once, at its start; a request ("build") names only what differs per test.
 
-    launcher ── container host (pid 1 of the host pid namespace)
-                  ├─ factory
-                  │    └─ init (pid 1 of a new pid namespace, per test)
-                  └─ zygote ── test (born in init's namespaces, see zygote.py)
-
-The host asks for a container (``InitFactory.request``), usually one test ahead.
-The factory builds it around itself: it enters fresh mount, network, UTS and IPC
-namespaces, builds the root filesystem there, forks init (pid 1 of a fresh pid
-namespace, which only sleeps), sends the namespaces back over its link (the kernel
-passes the fds) and returns to its own namespaces. The host then forks the test
-straight into them (container.fork_test); the test mounts its /proc and pivots into
-the root, and the host kills init when the test is over, which ends the pid
-namespace and with it every process the test left.
+Per container, in this order: fresh mount, network, UTS and IPC namespaces
+(namespaces.JOINED) around the factory itself; the test's root filesystem, ``lo``
+and the hostname inside them; a pid namespace whose first child, init, is pid 1;
+the namespaces' fds and init's pidfd back to the host ("built"); and home to the
+factory's own namespaces, so the next container does not nest in this one. The
+test process joins them later (test_process.py); the host kills init when the test
+is over, which ends the pid namespace and every process the test left.
 """
 
 from __future__ import annotations
 
-import marshal
 import os
-import select
 import signal
 import socket
 
-from . import process, syscalls, tiny_init
-
-MAX_MESSAGE = 1 << 22
-# The namespaces the factory makes for a container (and leaves after), which the
-# test process joins; its pid namespace is made apart, for init.
-JOINED_NAMESPACES = (("mnt", syscalls.CLONE_NEWNS), ("net", syscalls.CLONE_NEWNET),
-                     ("uts", syscalls.CLONE_NEWUTS), ("ipc", syscalls.CLONE_NEWIPC))
-NAMESPACE_FILES = ("pid",) + tuple(name for name, _ in JOINED_NAMESPACES)
+from . import link, namespaces, network, process, rootfs, syscalls, tiny_init
 
 
-class Namespaces:
-    """fds of one container's namespaces, and a pidfd of its init."""
-
-    def __init__(self, fds: list[int]) -> None:
-        self.fds = dict(zip(NAMESPACE_FILES, fds))
-        self.init_pidfd = fds[len(NAMESPACE_FILES)] if len(fds) > len(NAMESPACE_FILES) else -1
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds = {}
-
-    def end(self, wait: float = 0) -> None:
-        """Kill init: the kernel then kills every process left in its pid namespace.
-        With ``wait``, return only once they are gone (or after ``wait`` seconds)."""
-        self.close()
-        if self.init_pidfd >= 0:
-            try:
-                signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
-                if wait:  # init is gone once its whole pid namespace is
-                    select.select([self.init_pidfd], [], [], wait)
-            except ProcessLookupError:
-                pass
-            os.close(self.init_pidfd)
-            self.init_pidfd = -1
-
-
-class InitError(Exception):
-    def __init__(self, message: str, step: str) -> None:
-        super().__init__(message)
-        self.step = step
-
-
-class InitFactory:
-    """The host's end of the factory's link."""
-
-    def __init__(self, link: socket.socket) -> None:
-        self.link = link
-        self._next_id = 0
-        self._arrived: dict[int, tuple] = {}
-
-    def request(self, config: dict) -> int:
-        """Ask for an init built after ``config``; returns the request's id."""
-        self._next_id += 1
-        self.link.send(marshal.dumps((self._next_id, config)))
-        return self._next_id
-
-    def wait(self, request_id: int) -> Namespaces:
-        """The namespaces of the init asked for, once it is ready (InitError if not)."""
-        while request_id not in self._arrived:
-            message, fds, _, _ = socket.recv_fds(self.link, MAX_MESSAGE, len(NAMESPACE_FILES) + 1)
-            if not message:
-                raise InitError("the container factory is gone", "factory")
-            answer = marshal.loads(message)
-            self._arrived[answer[0]] = (answer, fds)
-        (_, kind, *rest), fds = self._arrived.pop(request_id)
-        if kind == "ready":
-            return Namespaces(fds)
-        for fd in fds:
-            os.close(fd)
-        raise InitError(*rest)
-
-    def discard(self, request_id: int) -> None:
-        """An init no test will use: end it when it arrives (or now)."""
-        try:
-            self.wait(request_id).end()
-        except InitError:
-            pass
-
-
-# -- the factory process ------------------------------------------------------------
-
-def serve(link: socket.socket, build) -> None:
-    """The factory's loop. ``build(config)`` runs in the factory itself, in the fresh
-    namespaces of a container, and returns once its root filesystem stands (see
-    container.build_container)."""
+def serve(channel: link.Channel, entries: list[dict]) -> None:
+    """The factory's loop, until the host is gone."""
     process.set_name("isolate-factory")
     # Inits are reaped by the kernel, and so are the orphans they inherit (they
     # inherit this). ^C is the host's business (as for the launcher).
@@ -126,34 +38,36 @@ def serve(link: socket.socket, build) -> None:
     # user namespace: as root, the stage's belongs to the initial one, and setns()
     # back into it would need real root.
     syscalls.unshare(syscalls.CLONE_NEWNS)
-    home = _open_namespaces({})
+    home = namespaces.open_own(ns.name for ns in namespaces.JOINED)
     while True:
-        message = link.recv(MAX_MESSAGE)
-        if not message:
+        received = channel.receive("build")
+        if received is None:
             return  # the host is gone
-        request_id, config = marshal.loads(message)
+        _, request, _ = received
         try:
-            fds = _container(config, build)
+            fds = _container(entries, request)
         except Exception as exc:
-            step = getattr(exc, "step", "init")
-            link.send(marshal.dumps((request_id, "error", process.describe_error(exc), step)))
+            channel.send("build_failed", id=request["id"], message=process.describe_error(exc),
+                         step=getattr(exc, "step", "init"))
             continue
         finally:
             _go_home(home)
         try:
-            socket.send_fds(link, [marshal.dumps((request_id, "ready"))], fds)
+            channel.send("built", fds, id=request["id"])
         finally:
             for fd in fds:
                 os.close(fd)
 
 
-def _container(config: dict, build) -> list[int]:
-    """Build one container around the factory; its namespace fds and init's pidfd."""
-    syscalls.unshare(sum(kind for _, kind in JOINED_NAMESPACES))
-    fds: dict[str, int] = {}
+def _container(entries: list[dict], request: dict) -> list[int]:
+    """Build one container around the factory; its namespace fds (namespaces.FILES)
+    and init's pidfd."""
+    syscalls.unshare(namespaces.JOINED_FLAGS)
+    fds = namespaces.open_own(ns.name for ns in namespaces.JOINED)
     try:
-        _open_namespaces(fds)
-        build(config)
+        rootfs.build_test_root(entries, request["mounts"])
+        network.bring_up_loopback()
+        socket.sethostname(request["hostname"])
         # unshare(CLONE_NEWPID) applies to the caller's next children only: init is
         # the first, pid 1 of the namespace, born in the namespaces built above.
         syscalls.unshare(syscalls.CLONE_NEWPID)
@@ -164,23 +78,15 @@ def _container(config: dict, build) -> list[int]:
         for fd in fds.values():
             os.close(fd)
         raise
-    return [fds[name] for name in NAMESPACE_FILES] + [fds["init"]]
-
-
-def _open_namespaces(fds: dict[str, int]) -> dict[str, int]:
-    """Add fds of the caller's JOINED_NAMESPACES to ``fds`` (by name, as they open)."""
-    for name, _ in JOINED_NAMESPACES:
-        fds[name] = os.open(f"/proc/self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-    return fds
+    return [fds[name] for name in namespaces.FILES] + [fds["init"]]
 
 
 def _go_home(home: dict[str, int]) -> None:
     """Back to the factory's own namespaces (and root): a failure here would build
     the next container inside this one, so it ends the factory."""
     try:
-        for name, kind in JOINED_NAMESPACES:
-            syscalls.setns(home[name], kind)
-        syscalls.setns(process.own_pid_namespace(), syscalls.CLONE_NEWPID)
+        namespaces.join(home)
+        syscalls.setns(namespaces.own_pid(), syscalls.CLONE_NEWPID)
     except OSError:
         os._exit(125)
 

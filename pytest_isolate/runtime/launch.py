@@ -1,67 +1,61 @@
-"""Launcher of a container host: ``python -c <bootstrap> --spec B64 --exec CMD...``.
+"""The launcher: builds the container host's namespaces and stage, then forks the
+host (and, from it, the factory). ``python -c <bootstrap> --spec JSON --exec CMD...``
 
 execnet starts the host with ``popen//python=<launcher>``: it appends the
 interpreter's own arguments (``-u -c <bootstrap>``) to our command line. Once this
-single-threaded process has built the container host's namespaces, it forks the host,
-pid 1 of the new pid namespace, which forks the init factory (factory.py) while it is
-still small, then execs those arguments. The factory and the host share a socket
-whose fd is in PYTEST_ISOLATE_FACTORY_FD. The launcher stays, waits, and passes the
-host's exit status on (execnet talks to the host through the launcher's pipes).
+single-threaded process has built the host's namespaces (``enter_host``), it forks
+the host, pid 1 of the new pid namespace, which forks the init factory (factory.py)
+while it is still small, then execs those arguments. The launcher stays, waits, and
+passes the host's exit status on (execnet talks to the host through the launcher's
+pipes).
 
-If the container cannot be built, the interpreter is still exec'd, with the reason
-in PYTEST_ISOLATE_HOST_ERROR: the remote side then only reports it over the execnet
-channel and exits, so the user gets a message instead of a dead gateway.
+What the host must know arrives in one environment variable, a "launched" message:
+the fd of its channel to the factory, the stage's notes, whether the mounts could be
+locked, or why the container could not be built at all -- then the interpreter is
+still exec'd and only reports that error over execnet, so the user gets a message
+instead of a dead gateway.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import os
+import shlex
 import signal
 import socket
 import sys
 
-from . import container, factory, process
+from . import factory, link, namespaces, network, process, rootfs, syscalls, user_ns
 
-HOST_ERROR_ENV = "PYTEST_ISOLATE_HOST_ERROR"
-HOST_NOTES_ENV = "PYTEST_ISOLATE_HOST_NOTES"
-FACTORY_FD_ENV = "PYTEST_ISOLATE_FACTORY_FD"
+LAUNCHED_ENV = "PYTEST_ISOLATE_LAUNCHED"
 
 
-def encode_spec(spec: dict) -> str:
-    return base64.b64encode(json.dumps(spec).encode()).decode()
-
-
-def launcher_command(spec: dict, python: str) -> str:
+def launcher_command(python: str, **spec) -> str:
     """The ``python=`` value for an execnet popen spec (it is shell-split)."""
-    import shlex
-
     package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     bootstrap = (
         f"import sys; sys.path.insert(0, {package_parent!r}); "
         "from pytest_isolate.runtime.launch import main; main()"
     )
-    parts = [python, "-S", "-c", bootstrap, "--spec", encode_spec(spec), "--exec", python]
+    parts = [python, "-S", "-c", bootstrap, "--spec", link.to_text("spec", **spec), "--exec", python]
     return " ".join(shlex.quote(p) for p in parts)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    spec = json.loads(base64.b64decode(argv[argv.index("--spec") + 1]))
-    command = argv[argv.index("--exec") + 1 :]
+    spec = link.from_text(argv[argv.index("--spec") + 1], "spec")
+    command = argv[argv.index("--exec") + 1:]
+    launched = {"error": None, "notes": [], "factory_fd": None, "mounts_unlocked": None}
     try:
-        notes = container.enter_host(spec)
-        if notes:
-            os.environ[HOST_NOTES_ENV] = json.dumps(notes)
-    except Exception as exc:  # reported by the remote side, see the module doc
-        os.environ[HOST_ERROR_ENV] = process.describe_error(exc)
+        enter_host(spec, launched)
+    except Exception as exc:  # reported by the host, see the module doc
+        launched["error"] = process.describe_error(exc)
     launcher = os.getpid()
     host_end = factory_end = None
-    if HOST_ERROR_ENV not in os.environ:
-        host_end, factory_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        host_end.set_inheritable(True)
-        os.environ[FACTORY_FD_ENV] = str(host_end.fileno())
+    if launched["error"] is None:
+        host_end, factory_end = link.Channel.pair()
+        os.set_inheritable(host_end.fileno(), True)
+        launched["factory_fd"] = host_end.fileno()
+    os.environ[LAUNCHED_ENV] = link.to_text("launched", **launched)
     host = os.fork()
     if host == 0:
         # Parent-death signals do not survive fork. Pid 1 of the new namespace sees
@@ -70,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         if factory_end is not None:
             # The factory is the host's child: when the host (pid 1) ends, the kernel
             # kills and reaps it at once, instead of waiting for another reaper.
-            _fork_factory(host_end, factory_end)
+            _fork_factory(host_end, factory_end, spec["entries"])
         os.execv(command[0], command)
     for end in (host_end, factory_end):
         if end is not None:
@@ -90,7 +84,62 @@ def main(argv: list[str] | None = None) -> None:
              else 128 + os.WTERMSIG(host_status))
 
 
-def _fork_factory(host_end: socket.socket, factory_end: socket.socket) -> None:
+def enter_host(spec: dict, launched: dict) -> None:
+    """Build the container host's namespaces and stage around the calling,
+    single-threaded launcher (``spec``: a "spec" message). Adds to ``launched``."""
+    controller = os.getppid()
+    process.die_with_parent(controller)
+    if os.geteuid() == 0:
+        # Real root builds the stage *before* joining the user namespace: only real
+        # root can open host paths such as an interpreter under /root (mode 700) and
+        # idmap the project's binds. Container root is an unprivileged host uid after.
+        owner = (user_ns.host_uid_of_container_root(), user_ns.host_gid_of_container_root())
+        userns_fd = user_ns.create_for_root()
+        syscalls.unshare(syscalls.CLONE_NEWNS)
+        launched["notes"] += rootfs.build_stage(spec["entries"], spec["sources"], owner, userns_fd)
+        user_ns.join(userns_fd)
+    else:
+        # Rootless, the user namespace is what grants the right to mount: first.
+        user_ns.enter_rootless()
+        syscalls.unshare(syscalls.CLONE_NEWNS)
+        launched["notes"] += rootfs.build_stage(spec["entries"], spec["sources"], (0, 0))
+        _lock_stage_mounts(launched)
+    # Changing uids (root's join above) clears the parent-death signal: set it again.
+    process.die_with_parent(controller)
+    # Module-level code of test files runs in the host during collection: give it no
+    # network, no host hostname or SysV IPC, and no host process to signal. The pid
+    # namespace, owned by our user namespace, is also what lets the factory make one
+    # per container before forking its init (factory.py).
+    syscalls.unshare(namespaces.HOST_LATE_FLAGS)
+    network.bring_up_loopback()
+    socket.sethostname(spec["hostname"])
+    # Temporary files go to the containers' own /tmp, not to a host path they lack.
+    os.environ["TMPDIR"] = "/tmp"
+    os.environ.pop("PYTEST_DEBUG_TEMPROOT", None)
+    try:
+        os.chdir(spec["cwd"])
+    except OSError:
+        os.chdir("/")
+
+
+def _lock_stage_mounts(launched: dict) -> None:
+    """Rootless: move into a second user namespace, made after the stage, and a mount
+    namespace of its own. A mount namespace made in a less privileged user namespace
+    than its source's gets every inherited mount locked (MNT_LOCK_*): container root,
+    even with cap_add=SYS_ADMIN, cannot make the read-only image writable or unmount
+    what hides the stage. (As root the stage's mount namespace belongs to the initial
+    user namespace: they are locked already.) Its one-line map makes its root the
+    first namespace's root, which is the user: nothing else changes."""
+    try:
+        user_ns.enter_rootless()
+        syscalls.unshare(syscalls.CLONE_NEWNS)
+    except OSError as exc:
+        launched["mounts_unlocked"] = process.describe_error(exc)
+        launched["notes"].append(f"the image's mounts could not be locked (a nested user namespace: "
+                                 f"{exc.strerror}): tests with cap_add=SYS_ADMIN are refused")
+
+
+def _fork_factory(host_end: link.Channel, factory_end: link.Channel, entries: list[dict]) -> None:
     """The init factory (see factory.py): forked now, while this process is small."""
     host = os.getpid()
     if os.fork() == 0:
@@ -101,7 +150,7 @@ def _fork_factory(host_end: socket.socket, factory_end: socket.socket) -> None:
             os.dup2(null, 0)  # execnet's pipes belong to the host alone
             os.dup2(null, 1)
             os.close(null)
-            factory.serve(factory_end, container.build_container)
+            factory.serve(factory_end, entries)
         finally:
             os._exit(0)
     factory_end.close()

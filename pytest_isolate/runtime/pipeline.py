@@ -2,7 +2,7 @@
 
 A test's container takes two steps to make: the small factory builds the
 namespaces and root filesystem and spawns init (factory.py); the test process,
-forked from a zygote, joins them and drops its privileges (container.fork_test).
+forked from a zygote, joins them and drops its privileges (test_process.py).
 Both are done ahead: while test N runs, the test process of test N+1 already waits
 for its job in a container of its own, and the factory builds the container of
 test N+2. The zygote's fork is not waited for: ``Prepared.started`` collects the
@@ -18,15 +18,57 @@ its own, and learns which test it runs only when it is its turn (``Prepared.go``
 
 from __future__ import annotations
 
-import marshal
 import os
 
-from . import events, factory
+from . import link, namespaces, zygote as zygote_module
 
 # What the factory needs to build a container (the rest is for the test process).
-BUILD_KEYS = ("entries", "mounts", "hostname")
-# The test's own files besides its events, in the order the zygote passes them on.
-CAPTURE_FILES = ("pytest-isolate-stdout", "pytest-isolate-stderr", "pytest-isolate-crashlog")
+BUILD_KEYS = ("mounts", "hostname")
+
+
+class InitError(Exception):
+    def __init__(self, message: str, step: str) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+class InitFactory:
+    """The host's end of the factory's channel (the factory: factory.py)."""
+
+    def __init__(self, channel: link.Channel) -> None:
+        self.channel = channel
+        self._next_id = 0
+        self._arrived: dict[int, tuple[str, dict, list[int]]] = {}
+
+    def request(self, build: dict) -> int:
+        """Ask for a container built after ``build`` (BUILD_KEYS); returns the request's id."""
+        self._next_id += 1
+        self.channel.send("build", id=self._next_id, **build)
+        return self._next_id
+
+    def wait(self, request_id: int) -> namespaces.Container:
+        """The container asked for, once it is ready (InitError if not)."""
+        while request_id not in self._arrived:
+            try:
+                received = self.channel.receive("built", "build_failed")
+            except link.Unexpected as exc:
+                raise InitError(f"the container factory broke its protocol: {exc}", "factory") from None
+            if received is None:
+                raise InitError("the container factory is gone", "factory")
+            self._arrived[received[1]["id"]] = received
+        name, fields, fds = self._arrived.pop(request_id)
+        if name == "built":
+            return namespaces.Container(fds)
+        for fd in fds:
+            os.close(fd)
+        raise InitError(fields["message"], fields["step"])
+
+    def discard(self, request_id: int) -> None:
+        """A container no test will use: end it when it arrives (or now)."""
+        try:
+            self.wait(request_id).end()
+        except InitError:
+            pass
 
 
 class Prepared:
@@ -35,23 +77,23 @@ class Prepared:
     alone: processes an ended test left behind can write nowhere the next test's
     output is read from) and the job pipe."""
 
-    def __init__(self, request: dict, namespaces: factory.Namespaces, zygote) -> None:
-        self.request = request
-        self.namespaces = namespaces
+    def __init__(self, config: dict, container: namespaces.Container, zygote) -> None:
+        self.config = config
+        self.namespaces = container
         self.zygote = zygote
-        self.files = [events.new_stream()] + [os.memfd_create(name, os.MFD_CLOEXEC) for name in CAPTURE_FILES]
+        self.files = [link.new_stream(f"pytest-isolate-{name}") for name in zygote_module.FILES]
         go_r, self._go_w = os.pipe2(os.O_CLOEXEC)
         try:
             # The zygote forks while we go on; ``started`` collects the test's pid.
-            self._ticket = zygote.start(request, self.files + [go_r] + list(namespaces.fds.values()))
+            self._ticket = zygote.start(config, self.files + [go_r] + list(container.fds.values()))
         except BaseException:
             self.close_files()
             os.close(self._go_w)
-            namespaces.end()
+            container.end()
             raise
         finally:
             os.close(go_r)
-            namespaces.close()  # the pidfd of its init stays, to end it
+            container.close()  # the pidfd of its init stays, to end it
         self.test = 0
         self.test_pidfd = -1
 
@@ -60,7 +102,8 @@ class Prepared:
         return self.files[0]
 
     def file(self, name: str) -> int:
-        return self.files[1 + CAPTURE_FILES.index(name)]
+        """One of the test's files (zygote.FILES)."""
+        return self.files[zygote_module.FILES.index(name)]
 
     def started(self) -> None:
         """Wait until the test process exists (OSError if it could not start)."""
@@ -78,10 +121,10 @@ class Prepared:
         except OSError:  # pragma: no cover - Linux < 5.3
             self.test_pidfd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)  # always "ended"
 
-    def go(self, job: dict) -> None:
-        """Start the test (``job``: nodeid, deadline, ...)."""
+    def go(self, **job) -> None:
+        """Start the test (``job``: a "job" message's fields)."""
         try:
-            os.write(self._go_w, marshal.dumps(job))
+            link.send(self._go_w, *link.message("job", **job))
         except BrokenPipeError:
             pass  # it died while it waited: its events and exit say why
         finally:
@@ -114,16 +157,16 @@ class Prepared:
 
 
 class Pipeline:
-    def __init__(self, init_factory: factory.InitFactory) -> None:
+    def __init__(self, init_factory: InitFactory) -> None:
         self.factory = init_factory
         self._warm: tuple[dict, int] | None = None  # (build settings, factory request)
         self._prepared: Prepared | None = None
 
-    def take(self, request: dict, zygote) -> Prepared:
-        """A waiting test process for ``request``: the one prepared ahead if it was
-        prepared for the same request, else a new one (errors: OSError, InitError)."""
+    def take(self, config: dict, zygote) -> Prepared:
+        """A waiting test process for ``config``: the one prepared ahead if it was
+        prepared for the same, else a new one (errors: OSError, InitError)."""
         prepared, self._prepared = self._prepared, None
-        if prepared is not None and prepared.request == request and prepared.zygote is zygote:
+        if prepared is not None and prepared.config == config and prepared.zygote is zygote:
             try:
                 prepared.started()
                 return prepared
@@ -131,21 +174,21 @@ class Pipeline:
                 prepared = None  # a new one says why it cannot start
         if prepared is not None:
             prepared.cancel()
-        prepared = Prepared(request, self._container(request), zygote)
+        prepared = Prepared(config, self._container(config), zygote)
         prepared.started()
         return prepared
 
-    def prepare_next(self, request: dict, zygote) -> None:
+    def prepare_next(self, config: dict, zygote) -> None:
         """Make the next test's process now, betting on the same settings."""
         try:
-            self._prepared = Prepared(request, self._container(request), zygote)
-        except (OSError, factory.InitError):
+            self._prepared = Prepared(config, self._container(config), zygote)
+        except (OSError, InitError):
             self._prepared = None  # the next test makes its own and reports why it cannot
 
-    def _container(self, request: dict) -> factory.Namespaces:
+    def _container(self, config: dict) -> namespaces.Container:
         """The container asked for ahead (if built for the same settings) or a new
         one; asks for the next one either way."""
-        build = {key: request["config"][key] for key in BUILD_KEYS if key in request["config"]}
+        build = {key: config[key] for key in BUILD_KEYS}
         warm, self._warm = self._warm, None
         if warm is not None and warm[0] != build:
             self.factory.discard(warm[1])

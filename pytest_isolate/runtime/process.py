@@ -57,17 +57,6 @@ def outer_pid() -> int | None:
     return int(nspid[0]) if nspid else None
 
 
-_own_pid_namespace: list[int] = []
-
-
-def own_pid_namespace() -> int:
-    """An fd of the caller's pid namespace (opened once per process), to setns()
-    back to after making or joining another one for a child."""
-    if not _own_pid_namespace:
-        _own_pid_namespace.append(os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC))
-    return _own_pid_namespace[0]
-
-
 def describe_error(exc: BaseException) -> str:
     """An error in a few words: "strerror (errno N)" for an OSError, else "Type: message"."""
     if isinstance(exc, OSError) and exc.strerror:
