@@ -64,7 +64,10 @@ REPO=$(pwd -P)
 GUEST=$REPO/ci/guest/run.sh
 umask 022
 [ "$(id -u)" -eq 0 ] || die "must run as root (run.sh boots qemu; the lane creates a user and a venv in $CACHE)"
-case $REPO/ in /tmp/*|/run/*) die "the checkout $REPO is hidden in the guest (tmpfs on /tmp and /run)" ;; esac
+# The guest sees the host's root through 9p, but mounts tmpfs on /tmp and /run: a
+# checkout there is shared into the guest on its own, at the same path.
+repo_share=()
+case $REPO/ in /tmp/*|/run/*) repo_share=(--share "$REPO") ;; esac
 # nothing of the caller's Python set-up leaks into the guest's interpreters
 unset PYTHONPATH PYTHONHOME PYTHONSTARTUP PYTHONUSERBASE VIRTUAL_ENV PYTEST_PLUGINS
 
@@ -154,7 +157,7 @@ run_root() {
     # fresh bytecode on the host: in the guest the tree is read-only, and every inner
     # pytest would otherwise compile the plugin again, at TCG speed
     "$py" -m compileall -q pytest_isolate >/dev/null 2>&1 || true
-    guest_run root "$REPO" "$py" \
+    guest_run root "$REPO" "$py" ${repo_share[@]+"${repo_share[@]}"} \
         --env TMPDIR=/tmp --env HYPOTHESIS_STORAGE_DIRECTORY=/tmp/hypothesis --env "PATH=$REPO/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" --
 }
 
