@@ -58,7 +58,7 @@ def below(directory: str, mounts: Iterable[Mount] | None = None) -> list[str]:
     """Mount points strictly inside ``directory``, in mount order."""
     prefix = directory.rstrip("/") + "/"
     return [m.mount_point for m in (read() if mounts is None else mounts)
-            if m.mount_point.startswith(prefix)]
+            if m.mount_point.startswith(prefix) and m.mount_point != prefix]
 
 
 def fs_type_of(mount_id: int, mounts: Iterable[Mount] | None = None) -> str | None:
