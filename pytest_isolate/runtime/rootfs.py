@@ -123,7 +123,7 @@ class _Build:
         return _join(self.root, entry["dst"])
 
 
-# -- steps shared by the phases: each leaves its target as it was if it exists -----
+# -- steps of several phases (the skeleton's leave whatever exists alone) -----------
 
 def _directory(build: _Build, entry: dict) -> None:
     _makedirs(build.target(entry), build.owner)
