@@ -19,14 +19,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from . import __version__
-from .runtime import syscalls, user_ns
+from .runtime import mountinfo, process, seccomp, seccomp_default, syscalls, user_ns
 
 OK, WARN, MISSING = "ok", "warn", "missing"
 TAGS = {OK: "[ ok ]", WARN: "[warn]", MISSING: "[miss]"}
 # Without these two there is no container at all; the rest adds protection or limits.
 REQUIRED = ("user namespaces", "overlayfs")
 
-PR_GET_SECCOMP, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 21, 22, 2
+PR_GET_SECCOMP = 21
 SYS_LANDLOCK_CREATE_RULESET = 444  # the same on x86_64 and aarch64 (asm-generic table)
 LANDLOCK_CREATE_RULESET_VERSION = 1 << 0
 
@@ -59,13 +59,6 @@ def _words(path: str) -> list[str]:
         return []
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.errno:
-        where = f" ({exc.filename})" if exc.filename else ""
-        return f"{exc.strerror}{where} [{errno.errorcode.get(exc.errno, exc.errno)}]"
-    return f"{type(exc).__name__}: {exc}"
-
-
 def _in_child(step: Callable[[], None]) -> tuple[int, str] | None:
     """Run ``step`` in a forked child: None on success, else (errno, message)."""
     read_end, write_end = os.pipe()
@@ -77,7 +70,8 @@ def _in_child(step: Callable[[], None]) -> tuple[int, str] | None:
             step()
         except BaseException as exc:  # noqa: BLE001 - report everything, never return
             code = 1
-            os.write(write_end, f"{getattr(exc, 'errno', 0) or 0}\n{_describe(exc)}".encode())
+            message = process.describe_error(exc, symbolic=True)
+            os.write(write_end, f"{getattr(exc, 'errno', 0) or 0}\n{message}".encode())
         finally:
             os._exit(code)
     os.close(write_end)
@@ -88,16 +82,6 @@ def _in_child(step: Callable[[], None]) -> tuple[int, str] | None:
         return None
     err, _, message = report.partition("\n")
     return (int(err), message) if report else (0, f"probe died ({status:#x})")
-
-
-def _self_map() -> None:
-    """Enter new user + mount namespaces as root, mapped onto the caller's own ids."""
-    uid, gid = os.geteuid(), os.getegid()
-    syscalls.unshare(syscalls.CLONE_NEWUSER | syscalls.CLONE_NEWNS)
-    for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"),
-                       ("gid_map", f"0 {gid} 1")):
-        with open(f"/proc/self/{name}", "w") as f:
-            f.write(text)
 
 
 # -- 1. user namespaces ---------------------------------------------------------------
@@ -161,7 +145,8 @@ def check_user_namespaces() -> Result:
 # -- 2. overlayfs inside a user namespace ---------------------------------------------
 
 def _probe_overlay() -> None:
-    _self_map()  # a throwaway child: the rootless-style map is fine even as root
+    user_ns.enter_rootless()  # a throwaway child: the rootless-style map is fine even as root
+    syscalls.unshare(syscalls.CLONE_NEWNS)
     syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
     syscalls.mount("tmpfs", "/tmp", "tmpfs", 0, "mode=755")  # private to this namespace
     for d in ("lower", "upper", "work", "merged"):
@@ -203,18 +188,8 @@ WANTED = ("memory", "cpu", "pids")
 
 def _cgroup_mounts() -> tuple[dict, str | None]:
     """({v1 controller: its mount point}, the cgroup2 mount point or None)."""
-    v1: dict = {}
-    v2 = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            point, (fstype, _source, options) = left.split()[4], right.split()[:3]
-            if fstype == "cgroup":
-                for controller in set(options.split(",")) & set(WANTED):
-                    v1.setdefault(controller, point)
-            elif fstype == "cgroup2" and v2 is None:
-                v2 = point
-    return v1, v2
+    v1 = mountinfo.cgroup_mounts(WANTED)
+    return v1, v1.pop("", None)
 
 
 def _delegated_v2(v2: str) -> str | None:
@@ -275,10 +250,8 @@ def check_cgroups() -> Result:
 # -- 4. seccomp -----------------------------------------------------------------------
 
 def _load_allow_all_filter() -> None:
-    insn = ctypes.create_string_buffer(struct.pack("HBBI", 0x06, 0, 0, 0x7FFF0000))  # ALLOW
-    program = ctypes.create_string_buffer(struct.pack("HP", 1, ctypes.addressof(insn)))
     syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
-    syscalls.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(program))
+    seccomp.load(struct.pack("HBBI", 0x06, 0, 0, seccomp.SCMP_ACT_ALLOW))  # BPF_RET|BPF_K
 
 
 def check_seccomp() -> Result:
@@ -298,8 +271,6 @@ def check_seccomp() -> Result:
     if failure:
         return Result("seccomp", MISSING, f"loading a filter failed: {failure[1]}", meaning,
                       fix, details)
-    from .runtime import seccomp, seccomp_default
-
     try:
         program = seccomp.compile_profile(seccomp_default.default_profile())
     except seccomp.SeccompError as exc:
@@ -383,7 +354,8 @@ def run_checks() -> list[Result]:
         try:
             results.append(check())
         except Exception as exc:  # a broken probe is a finding, not a crash
-            results.append(Result(name, MISSING, f"the check failed: {_describe(exc)}",
+            failed = process.describe_error(exc, symbolic=True)
+            results.append(Result(name, MISSING, f"the check failed: {failed}",
                                   "unknown", "please report this as a pytest-isolate bug"))
     return results
 

@@ -34,7 +34,7 @@ import time
 import pytest
 
 from pytest_isolate import fresh, reporter
-from pytest_isolate.runtime import hugepages, launch, link, pipeline, process, rootfs
+from pytest_isolate.runtime import hugepages, launch, link, masks, pipeline, process
 from pytest_isolate.runtime.supervisor import Supervisor, read_capped
 from pytest_isolate.runtime.zygote import Zygote
 
@@ -178,7 +178,7 @@ class Host:
     @property
     def masks(self) -> list:
         if self._masks is None:
-            self._masks = rootfs.system_path_masks()
+            self._masks = masks.system_path_masks()
         return self._masks
 
     def zygote(self, in_limits: bool) -> Zygote:

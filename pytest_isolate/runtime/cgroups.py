@@ -24,6 +24,8 @@ import os
 import signal
 import time
 
+from . import mountinfo
+
 PREFIX = "pytest-isolate-"
 CFS_PERIOD_US = 100_000
 
@@ -87,18 +89,7 @@ def _own_cgroups() -> dict[str, str]:
 
 def _mounts() -> dict[str, str]:
     """controller name (or "" for the v2 hierarchy) -> mount point."""
-    found = {}
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, (fstype, _, options) = left.split(), right.split(" ", 2)
-            if fstype == "cgroup2":
-                found.setdefault("", fields[4])
-            elif fstype == "cgroup":
-                for option in options.strip().split(","):
-                    if option in ("memory", "pids", "cpu", "cpuacct"):
-                        found.setdefault(option, fields[4])
-    return found
+    return mountinfo.cgroup_mounts(("memory", "pids", "cpu", "cpuacct"))
 
 
 class V1Group:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import signal
 
@@ -57,9 +58,14 @@ def outer_pid() -> int | None:
     return int(nspid[0]) if nspid else None
 
 
-def describe_error(exc: BaseException) -> str:
-    """An error in a few words: "strerror (errno N)" for an OSError, else "Type: message"."""
+def describe_error(exc: BaseException, symbolic: bool = False) -> str:
+    """An error in a few words: "strerror (errno N)" for an OSError, else "Type: message".
+
+    ``symbolic`` (the doctor's report): "strerror (filename) [ENAME]" instead."""
     if isinstance(exc, OSError) and exc.strerror:
+        if symbolic:
+            where = f" ({exc.filename})" if exc.filename else ""
+            return f"{exc.strerror}{where} [{errno.errorcode.get(exc.errno, exc.errno)}]"
         return f"{exc.strerror} (errno {exc.errno})"
     return f"{type(exc).__name__}: {exc}"
 

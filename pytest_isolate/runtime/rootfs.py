@@ -19,16 +19,21 @@ The same entries are applied twice:
    test's mount namespace.
 
 Entries are applied sorted by destination so that a parent (``/tmp``) is mounted
-before what goes inside it (a rootdir under ``/tmp``).
+before what goes inside it (a rootdir under ``/tmp``). Each entry type is one row of
+``_STEPS`` (read it like bubblewrap's setup_newroot switch): what it leaves in the
+stage's skeleton, how the stage mounts it, how a test root does. An unknown type is
+a ValueError.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import stat
+from typing import Callable, NamedTuple
 
-from . import paths, syscalls, tiny_init
+from . import mountinfo, paths, syscalls, tiny_init
 from .syscalls import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC, MS_REMOUNT
 
 # Where a container host's per-test scratch tmpfs (overlay upper, work and the new
@@ -45,15 +50,6 @@ TEST_ROOT = SCRATCH + "/root"
 # The mount point the stage tmpfs is attached to in the launcher's private mount
 # namespace. Every host path is opened before it is covered (see build_stage).
 STAGE_ATTACH = "/tmp"
-
-_STATVFS_TO_MS = {
-    os.ST_NOSUID: MS_NOSUID,
-    os.ST_NODEV: MS_NODEV,
-    os.ST_NOEXEC: MS_NOEXEC,
-    os.ST_NOATIME: 1024,
-    os.ST_NODIRATIME: 2048,
-    os.ST_RELATIME: 1 << 21,
-}
 
 
 def source_path(index: int) -> str:
@@ -92,30 +88,13 @@ def _mountpoint(target: str, is_dir: bool, owner: tuple[int, int] | None = None)
             os.lchown(target, *owner)
 
 
-def _locked_flags(path: str) -> int:
-    """Flags of the mount at ``path`` that a remount inside a user namespace must keep."""
-    f_flag = os.statvfs(path).f_flag
-    return sum(ms for st, ms in _STATVFS_TO_MS.items() if f_flag & st)
-
-
 def remount_readonly(target: str, extra: int = 0) -> None:
-    flags = MS_BIND | MS_REMOUNT | MS_RDONLY | extra | _locked_flags(target)
+    flags = MS_BIND | MS_REMOUNT | MS_RDONLY | extra | mountinfo.locked_flags(target)
     syscalls.mount(None, target, None, flags)
     # Mounts that were below the source (e.g. /usr/local on its own filesystem) came
     # along with MS_REC and must be made read-only one by one.
-    for sub in _submounts(target):
-        syscalls.mount(None, sub, None, MS_BIND | MS_REMOUNT | MS_RDONLY | _locked_flags(sub))
-
-
-def _submounts(target: str) -> list[str]:
-    prefix = target.rstrip("/") + "/"
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = line.split(" ", 5)[4].replace("\\040", " ")
-            if point.startswith(prefix):
-                found.append(point)
-    return found
+    for sub in mountinfo.below(target):
+        syscalls.mount(None, sub, None, MS_BIND | MS_REMOUNT | MS_RDONLY | mountinfo.locked_flags(sub))
 
 
 def _bind(source: str, target: str, readonly: bool, extra: int = 0) -> None:
@@ -126,6 +105,146 @@ def _bind(source: str, target: str, readonly: bool, extra: int = 0) -> None:
 
 def _tmpfs(target: str, mode: str, extra: int = 0) -> None:
     syscalls.mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV | extra, f"mode={mode}")
+
+
+@dataclasses.dataclass
+class _Build:
+    """What the steps of one phase share: the root they build under, and for the stage
+    the owner of what it creates, the opened bind sources and the notes it returns."""
+
+    root: str
+    owner: tuple[int, int] | None = None
+    fds: dict[str, int] = dataclasses.field(default_factory=dict)  # by destination
+    userns_fd: int | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def target(self, entry: dict) -> str:
+        return _join(self.root, entry["dst"])
+
+
+# -- steps of several phases (the skeleton's leave whatever exists alone) -----------
+
+def _directory(build: _Build, entry: dict) -> None:
+    _makedirs(build.target(entry), build.owner)
+
+
+def _symlink(build: _Build, entry: dict) -> None:
+    target = build.target(entry)
+    if not os.path.lexists(target):
+        _makedirs(os.path.dirname(target), build.owner)
+        os.symlink(entry["target"], target)
+        if build.owner is not None:
+            os.lchown(target, *build.owner)
+
+
+def _source_point(build: _Build, entry: dict) -> None:
+    """A directory or a file to bind onto, as the opened source is."""
+    is_dir = stat.S_ISDIR(os.fstat(build.fds[entry["dst"]]).st_mode)
+    _mountpoint(build.target(entry), is_dir, build.owner)
+
+
+def _tmpfs_step(build: _Build, entry: dict) -> None:
+    _directory(build, entry)
+    _tmpfs(build.target(entry), entry.get("mode", "755"))
+
+
+# -- the stage ------------------------------------------------------------------------
+
+def _stage_bind(build: _Build, entry: dict) -> None:
+    _source_point(build, entry)
+    fd, target = build.fds[entry["dst"]], build.target(entry)
+    dev = entry["type"] == "dev"
+    readonly = entry.get("ro", not dev)
+    if entry.get("idmap") and readonly and build.userns_fd is not None:
+        try:
+            attrs = syscalls.MOUNT_ATTR_NOSUID | syscalls.MOUNT_ATTR_NODEV | syscalls.MOUNT_ATTR_RDONLY
+            syscalls.idmapped_bind(fd, target, build.userns_fd, attrs)
+            return
+        except OSError as exc:
+            build.notes.append(f"{entry['src']} is not idmapped ({_fs_type(fd)}: {exc.strerror}): "
+                               "container root reads it as an unprivileged uid; its filesystem needs "
+                               "idmapped mounts (tmpfs: Linux 6.3+), or make it world-readable")
+    _bind(f"/proc/self/fd/{fd}", target, readonly, 0 if dev else MS_NOSUID | MS_NODEV)
+
+
+def _host_fs(build: _Build, entry: dict) -> None:
+    """The host keeps the host's /proc and /sys, read-only for /sys (it is in neither a
+    pid nor a network namespace of its own while it builds this); each test mounts
+    fresh ones."""
+    _directory(build, entry)
+    sysfs = entry["type"] == "sysfs"
+    syscalls.mount("/sys" if sysfs else "/proc", build.target(entry), None, MS_BIND | MS_REC)
+    if sysfs:
+        remount_readonly(build.target(entry))
+
+
+# -- a test's root --------------------------------------------------------------------
+
+def _test_bind(build: _Build, entry: dict) -> None:
+    root, target = build.root, build.target(entry)
+    source = entry.get("stage_src", entry["dst"])
+    if entry.get("stage_src"):
+        if not os.path.lexists(source):
+            raise OSError(errno.ESTALE, f"the source of the mount on {entry['dst']}, {entry.get('src')}, "
+                          "was replaced or became unreachable after the run started; it is not mounted")
+        # As the test will see it: a symlink of the image leads inside its root.
+        target = _join(root, paths.resolve_in_root(root, entry["dst"]))
+    try:
+        _mountpoint(target, os.path.isdir(source))
+    except OSError as exc:
+        if exc.errno != errno.EROFS:
+            raise
+        raise OSError(exc.errno, f"cannot mount on {entry['dst']}: it does not exist and lies in a "
+                      "read-only part of the image; pick a destination that exists there, "
+                      "or one outside it (e.g. under /mnt)") from None
+    if entry.get("stage_src"):  # a user mount: its ro flag is the test's choice
+        _bind(source, target, entry.get("ro", True), MS_NOSUID | MS_NODEV)
+    else:  # an image bind keeps the flags it has in the stage
+        syscalls.mount(source, target, None, MS_BIND | MS_REC)
+
+
+def _devpts(build: _Build, entry: dict) -> None:
+    _directory(build, entry)
+    target = build.target(entry)
+    syscalls.mount("devpts", target, "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
+    ptmx = _join(os.path.dirname(target), "ptmx")
+    if not os.path.lexists(ptmx):
+        os.symlink("pts/ptmx", ptmx)
+
+
+def _sysfs(build: _Build, entry: dict) -> None:
+    _directory(build, entry)
+    mount_sysfs(build.root)
+
+
+class _Steps(NamedTuple):
+    skeleton: Callable[[_Build, dict], None]
+    stage: Callable[[_Build, dict], None]
+    test_root: Callable[[_Build, dict], None]
+    binds: bool = False  # from a host path, which build_stage opens first
+
+
+# One row per entry type: what it leaves in the stage's skeleton (the overlay's lower
+# layer, where nothing is mounted), how the stage mounts it, how a test's root does.
+_STEPS = {
+    #                   skeleton       stage        test root
+    "bind":    _Steps(_source_point, _stage_bind, _test_bind, binds=True),
+    "dev":     _Steps(_source_point, _stage_bind, _test_bind, binds=True),
+    "symlink": _Steps(_symlink,      _symlink,    _symlink),
+    "tmpfs":   _Steps(_directory,    _tmpfs_step, _tmpfs_step),
+    "devpts":  _Steps(_directory,    _directory,  _devpts),
+    "proc":    _Steps(_directory,    _host_fs,    _directory),  # mount_proc mounts it later
+    "sysfs":   _Steps(_directory,    _host_fs,    _sysfs),
+}
+TYPES = tuple(_STEPS)
+
+
+def _steps(entry: dict) -> _Steps:
+    try:
+        return _STEPS[entry["type"]]
+    except KeyError:
+        raise ValueError(f"unknown image entry type {entry['type']!r} (on {entry.get('dst')}); "
+                         f"known: {', '.join(TYPES)}") from None
 
 
 def build_stage(
@@ -146,7 +265,7 @@ def build_stage(
     create files owned by host root, setuid ones included. Returns notes on what
     could not be done that way.
     """
-    notes: list[str] = []
+    stage = _Build(STAGE_ATTACH, owner, userns_fd=userns_fd)
     # Nothing done here may propagate back into the host's mount namespace.
     syscalls.mount(None, "/", None, MS_REC | syscalls.MS_PRIVATE)
 
@@ -162,72 +281,36 @@ def build_stage(
          "pin": s.get("pin")}
         for i, s in enumerate(sources)
     ]
-    fds: dict[str, int] = {}
     try:
         for entry in entries + source_entries:
-            if entry["type"] in ("bind", "dev"):
+            if _steps(entry).binds:
                 try:
-                    fds[entry["dst"]] = paths.open_pinned(entry["src"], entry.get("pin"))
+                    stage.fds[entry["dst"]] = paths.open_pinned(entry["src"], entry.get("pin"))
                 except OSError as exc:
                     if entry not in source_entries:
                         raise
-                    notes.append(f"the mount source {entry['src']} is not mounted: {exc.strerror}")
-        source_entries = [entry for entry in source_entries if entry["dst"] in fds]
+                    stage.notes.append(f"the mount source {entry['src']} is not mounted: {exc.strerror}")
+        source_entries = [entry for entry in source_entries if entry["dst"] in stage.fds]
         _tmpfs(STAGE_ATTACH, "755")
         os.lchown(STAGE_ATTACH, *owner)
-        lower = _join(STAGE_ATTACH, LOWER)
-        _makedirs(lower, owner)
-        _tmpfs(lower, "755")
-        os.lchown(lower, *owner)
+        skeleton = dataclasses.replace(stage, root=_join(STAGE_ATTACH, LOWER))
+        _makedirs(skeleton.root, owner)
+        _tmpfs(skeleton.root, "755")
+        os.lchown(skeleton.root, *owner)
         for entry in ordered(entries + source_entries):
-            target = _join(STAGE_ATTACH, entry["dst"])
-            kind = entry["type"]
             if not entry["dst"].startswith(SOURCES + "/"):
-                _skeleton(lower, entry, fds, owner)
-            if kind == "symlink":
-                _makedirs(os.path.dirname(target), owner)
-                os.symlink(entry["target"], target)
-                os.lchown(target, *owner)
-            elif kind in ("bind", "dev"):
-                fd = fds[entry["dst"]]
-                is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
-                _mountpoint(target, is_dir, owner)
-                readonly = entry.get("ro", kind == "bind")
-                if entry.get("idmap") and readonly and userns_fd is not None:
-                    try:
-                        attrs = syscalls.MOUNT_ATTR_NOSUID | syscalls.MOUNT_ATTR_NODEV
-                        syscalls.idmapped_bind(fd, target, userns_fd,
-                                               attrs | (syscalls.MOUNT_ATTR_RDONLY if readonly else 0))
-                        continue
-                    except OSError as exc:
-                        notes.append(f"{entry['src']} is not idmapped ({_fs_type(fd)}: {exc.strerror}): "
-                                     "container root reads it as an unprivileged uid; its filesystem needs "
-                                     "idmapped mounts (tmpfs: Linux 6.3+), or make it world-readable")
-                extra = 0 if kind == "dev" else MS_NOSUID | MS_NODEV
-                _bind(f"/proc/self/fd/{fd}", target, readonly, extra)
-            elif kind == "tmpfs":
-                _makedirs(target, owner)
-                _tmpfs(target, entry.get("mode", "755"))
-            elif kind in ("proc", "sysfs"):
-                # The host keeps the host's /proc and /sys, read-only for /sys (it is in
-                # neither a pid nor a network namespace of its own while it builds
-                # this); each test mounts fresh ones.
-                _makedirs(target, owner)
-                syscalls.mount("/" + kind.replace("sysfs", "sys"), target, None, MS_BIND | MS_REC)
-                if kind == "sysfs":
-                    remount_readonly(target)
-            elif kind == "devpts":
-                _makedirs(target, owner)
+                _steps(entry).skeleton(skeleton, entry)
+            _steps(entry).stage(stage, entry)
         _makedirs(_join(STAGE_ATTACH, SCRATCH), owner)
         _install_tiny_init(owner)
-        syscalls.mount(None, lower, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        syscalls.mount(None, skeleton.root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
     finally:
-        for fd in fds.values():
+        for fd in stage.fds.values():
             os.close(fd)
     pivot_into(STAGE_ATTACH)
     # The skeleton itself is never written after this: each test writes to its overlay.
-    syscalls.mount(None, "/", None, MS_BIND | MS_REMOUNT | MS_RDONLY | _locked_flags("/"))
-    return notes
+    syscalls.mount(None, "/", None, MS_BIND | MS_REMOUNT | MS_RDONLY | mountinfo.locked_flags("/"))
+    return stage.notes
 
 
 def _install_tiny_init(owner: tuple[int, int]) -> None:
@@ -247,33 +330,13 @@ def _install_tiny_init(owner: tuple[int, int]) -> None:
 
 
 def _fs_type(fd: int) -> str:
-    """The filesystem type of the mount ``fd`` lies on (from mountinfo), for notes."""
+    """The filesystem type of the mount ``fd`` lies on, for notes."""
     try:
         with open(f"/proc/self/fdinfo/{fd}") as f:
-            mount_id = next(line.split()[1] for line in f if line.startswith("mnt_id:"))
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if fields[0] == mount_id:
-                    return fields[fields.index("-") + 1]
+            mount_id = next(int(line.split()[1]) for line in f if line.startswith("mnt_id:"))
+        return mountinfo.fs_type_of(mount_id) or "unknown filesystem"
     except (OSError, StopIteration, ValueError):
-        pass
-    return "unknown filesystem"
-
-
-def _skeleton(lower: str, entry: dict, fds: dict[str, int], owner: tuple[int, int]) -> None:
-    """Mirror an entry's mount point (or symlink) in the lower layer, mounting nothing."""
-    target = _join(lower, entry["dst"])
-    if os.path.lexists(target):
-        return
-    if entry["type"] == "symlink":
-        _makedirs(os.path.dirname(target), owner)
-        os.symlink(entry["target"], target)
-        os.lchown(target, *owner)
-    elif entry["type"] in ("bind", "dev"):
-        _mountpoint(target, stat.S_ISDIR(os.fstat(fds[entry["dst"]]).st_mode), owner)
-    else:
-        _makedirs(target, owner)
+        return "unknown filesystem"
 
 
 def pivot_into(new_root: str) -> None:
@@ -304,102 +367,15 @@ def build_test_root(entries: list[dict], mounts: list[dict]) -> str:
         "overlay", root, "overlay", MS_NOSUID,
         f"lowerdir={LOWER},upperdir={upper},workdir={work},userxattr",
     )
+    build = _Build(root)
     for entry in ordered(entries + mounts):
-        target = _join(root, entry["dst"])
-        kind = entry["type"]
-        if kind in ("bind", "dev"):
-            source = entry.get("stage_src", entry["dst"])
-            if entry.get("stage_src"):
-                if not os.path.lexists(source):
-                    raise OSError(errno.ESTALE, f"the source of the mount on {entry['dst']}, {entry.get('src')}, "
-                                  "was replaced or became unreachable after the run started; it is not mounted")
-                # As the test will see it: a symlink of the image leads inside its root.
-                target = _join(root, paths.resolve_in_root(root, entry["dst"]))
-            try:
-                _mountpoint(target, os.path.isdir(source))
-            except OSError as exc:
-                if exc.errno != errno.EROFS:
-                    raise
-                raise OSError(exc.errno, f"cannot mount on {entry['dst']}: it does not exist and lies in a "
-                              "read-only part of the image; pick a destination that exists there, "
-                              "or one outside it (e.g. under /mnt)") from None
-            if entry.get("stage_src"):  # a user mount: its ro flag is the test's choice
-                _bind(source, target, entry.get("ro", True), MS_NOSUID | MS_NODEV)
-            else:  # an image bind keeps the flags it has in the stage
-                syscalls.mount(source, target, None, MS_BIND | MS_REC)
-        elif kind == "symlink":
-            if not os.path.lexists(target):
-                _makedirs(os.path.dirname(target))
-                os.symlink(entry["target"], target)
-        elif kind == "tmpfs":
-            _makedirs(target)
-            _tmpfs(target, entry.get("mode", "755"))
-        elif kind == "devpts":
-            _makedirs(target)
-            syscalls.mount("devpts", target, "devpts", MS_NOSUID | MS_NOEXEC,
-                           "newinstance,ptmxmode=0666,mode=0620")
-            ptmx = _join(os.path.dirname(target), "ptmx")
-            if not os.path.lexists(ptmx):
-                os.symlink("pts/ptmx", ptmx)
-        elif kind == "proc":
-            _makedirs(target)
-        elif kind == "sysfs":
-            _makedirs(target)
-            mount_sysfs(root)
+        _steps(entry).test_root(build, entry)
     return root
 
 
 def mount_proc(root: str) -> None:
     """Mount a /proc for the caller's pid namespace."""
     syscalls.mount("proc", _join(root, "/proc"), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-
-
-# Docker's masked and read-only paths: kernel state a container must not read (masked:
-# /dev/null over files, an empty read-only tmpfs over directories) or write.
-MASKED_PATHS = (
-    "/proc/acpi", "/proc/asound", "/proc/interrupts", "/proc/kcore", "/proc/keys",
-    "/proc/latency_stats", "/proc/sched_debug", "/proc/scsi", "/proc/timer_list",
-    "/proc/timer_stats", "/sys/firmware", "/sys/devices/virtual/powercap",
-)
-MASKED_GLOBS = ("/sys/devices/system/cpu/cpu*/thermal_throttle",)
-READ_ONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
-
-
-def system_path_masks() -> list[tuple[str, str]]:
-    """What mask_system_paths does, worked out once by the host (which sees the same
-    kernel): ``(path, how)`` with how "dir" (empty tmpfs), "file" (/dev/null bound
-    over it) or "ro" (bound read-only)."""
-    import glob
-
-    masks = []
-    for path in list(MASKED_PATHS) + [p for pattern in MASKED_GLOBS for p in glob.glob(pattern)]:
-        if os.path.isdir(path):
-            masks.append((path, "dir"))
-        elif os.path.exists(path):
-            masks.append((path, "file"))
-    masks += [(path, "ro") for path in READ_ONLY_PATHS if os.path.exists(path)]
-    return masks
-
-
-def mask_system_paths(root: str, masks: list | None = None) -> None:
-    """Apply the masked and read-only paths under ``root`` (after /proc and /sys)."""
-    empty_dir = None  # one empty read-only tmpfs, bound over every masked directory
-    for path, how in system_path_masks() if masks is None else masks:
-        target = _join(root, path)
-        try:
-            if how == "dir" and empty_dir is None:
-                syscalls.mount("tmpfs", target, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                               "size=0,mode=0")
-                empty_dir = target
-            elif how == "dir":
-                syscalls.mount(empty_dir, target, None, MS_BIND)
-            elif how == "file":
-                syscalls.mount(_join(root, "/dev/null"), target, None, MS_BIND)
-            else:  # a fresh /proc has nothing mounted below these: no MS_REC, no scan
-                syscalls.mount(target, target, None, MS_BIND)
-                syscalls.mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | _locked_flags(target))
-        except FileNotFoundError:  # e.g. no /sys in this image
-            continue
 
 
 def mount_sysfs(root: str) -> None:

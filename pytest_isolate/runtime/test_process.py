@@ -28,7 +28,7 @@ import os
 import resource
 from typing import Callable
 
-from . import capabilities, landlock, link, namespaces, process, rootfs, seccomp, syscalls
+from . import capabilities, landlock, link, masks, namespaces, process, rootfs, seccomp, syscalls
 
 EXIT_CONTAINER_FAILED = 125
 
@@ -99,7 +99,7 @@ def enter_root(config: dict) -> None:
     """Mount the container's /proc, mask kernel paths and pivot into its root."""
     rootfs.mount_proc(rootfs.TEST_ROOT)
     if config.get("system_paths", "masked") == "masked":
-        rootfs.mask_system_paths(rootfs.TEST_ROOT, config.get("masks"))
+        masks.mask_system_paths(rootfs.TEST_ROOT, config.get("masks"))
     rootfs.pivot_into(rootfs.TEST_ROOT)
 
 
