@@ -390,7 +390,8 @@ class Controller:
     def summary_lines(self) -> list[str]:
         lines = [
             f"container host ({mode} mode, image {image}): started in {host.start_seconds:.2f}s, "
-            f"{host.collected} tests collected" + (f", RSS {human(host.rss)}" if host.rss else "")
+            f"{host.collected} test{'' if host.collected == 1 else 's'} collected"
+            + (f", RSS {human(host.rss)}" if host.rss else "")
             for (mode, image), host in self.hosts.items()
         ]
         lines += [f"  note: {note}" for host in self.hosts.values() for note in host.notes]

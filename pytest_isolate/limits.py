@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 
 from .options import Settings
@@ -143,8 +144,11 @@ class Limiter:
             said.append("memory_swap NOT enforced (needs a cgroup)")
         names = {name for name, _, _ in rlimits}
         extra = [limit for limit in extra if limit[0] not in names]  # the user's own ulimits win
+        # The reason without its advice: best-effort is what the user chose already.
+        reason = re.sub(r"(,? or|\.)? ?pass --isolate-limits=best-effort \(rlimits instead\)", "",
+                        self._backend_error or "").rstrip(" ,.")
         return Plan(rlimits=rlimits + tuple(extra),
-                    enforcement=f"best-effort, no cgroup ({self._backend_error}): " + "; ".join(said))
+                    enforcement=f"best-effort, no cgroup ({reason}): " + "; ".join(said))
 
     def usage(self, plan: Plan, done: dict) -> Usage:
         rusage = done.get("rusage") or {}

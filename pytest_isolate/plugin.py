@@ -3,6 +3,7 @@ container hosts (``controller.py``) and replay what comes back."""
 
 from __future__ import annotations
 
+import difflib
 import os
 import warnings
 from typing import Any
@@ -91,6 +92,17 @@ class IsolatePlugin:
                 layer[option.name] = self._parse(option, value, base, f"command line {option.flag}")
         return layer
 
+    def _registered_markers(self) -> set[str]:
+        return {line.split(":")[0].split("(")[0].strip() for line in self.config.getini("markers")}
+
+    def _check_marker_names(self, item: pytest.Item, registered: set[str]) -> None:
+        """A marker that is not registered and reads like ours (``isolate``, ``isloated``)
+        is a typo that would run the test unisolated: an error, not pytest's warning."""
+        for marker in item.iter_markers():
+            if marker.name != MARKER and marker.name not in registered and _did_you_mean(marker.name, [MARKER]):
+                raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.{marker.name} is not a marker of pytest-isolate"
+                                        f"{_did_you_mean(marker.name, [MARKER])}")
+
     def _marker_layers(self, item: pytest.Item) -> list[dict[str, Any]] | None:
         markers = list(item.iter_markers(MARKER))
         if not markers and not self.isolate_all:
@@ -109,7 +121,8 @@ class IsolatePlugin:
                 option = opts.BY_NAME.get(key)
                 if option is None:
                     raise pytest.UsageError(
-                        f"{where} got an unknown keyword {key!r}; accepted: {', '.join(opts.BY_NAME)}"
+                        f"{where} got an unknown keyword {key!r}{_did_you_mean(str(key), opts.BY_NAME)}; "
+                        f"accepted: {', '.join(opts.BY_NAME)}"
                     )
                 layer[key] = self._parse(option, value, base, where)
             layers.append(layer)
@@ -120,7 +133,9 @@ class IsolatePlugin:
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         isolated = []
+        registered = self._registered_markers()
         for item in items:
+            self._check_marker_names(item, registered)
             layers = self._marker_layers(item)
             if layers is not None:
                 settings = item.stash[settings_key] = opts.merge(self.base_layers + layers)
@@ -149,7 +164,7 @@ class IsolatePlugin:
     def pytest_report_header(self, config: pytest.Config) -> str | None:
         if not self.isolate_all:
             return None
-        who = "rootless" if os.geteuid() != 0 else "root (container root is an unprivileged uid)"
+        who = "rootless" if os.geteuid() != 0 else "as root; container root is an unprivileged uid"
         return f"isolate: every test in a container ({who})"
 
     @pytest.hookimpl(optionalhook=True)
@@ -183,3 +198,8 @@ class IsolatePlugin:
             workeroutput["isolate_summary"] = self.controller.summary_lines()
             workeroutput["isolate_usages"] = [list(usage) for usage in self.controller.usages]
             workeroutput["isolate_limits_used"] = self.controller.limiter.used
+
+
+def _did_you_mean(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""

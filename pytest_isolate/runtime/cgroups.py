@@ -331,8 +331,8 @@ def detect() -> Backend:
         if os.geteuid() != 0:
             raise CgroupError(
                 "cgroup v1: unprivileged users cannot be given cgroups safely (v1 has no "
-                "delegation), so limits cannot be enforced rootless here. Run pytest as root, "
-                "use a cgroup-v2 host, or pass --isolate-limits=best-effort (rlimits instead)"
+                "delegation), so limits cannot be enforced rootless here. Run pytest as root or on "
+                "a cgroup-v2 host, or pass --isolate-limits=best-effort (rlimits instead)"
             )
         for parent in parents.values():
             if not os.access(parent, os.W_OK):
