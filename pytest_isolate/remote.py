@@ -62,8 +62,11 @@ class Host:
         self.collect_errors: list[str] = []
         self.started = time.perf_counter()
         self._zygotes: dict[bool, Zygote] = {}  # by "in the limits cgroup"
-        self._pipeline: pipeline.Pipeline | None = None
-        self._masks: list | None = None
+        # No properties with side effects on this plugin object: pytest < 8.3 getattr()s
+        # every attribute of a plugin when it registers it (looking for fixtures), which
+        # once forked the zygote before collection, with no items.
+        self.pipeline = pipeline.Pipeline(pipeline.InitFactory(link.Channel.from_fd(launched["factory_fd"])))
+        self.masks = masks.system_path_masks()
 
     def send(self, name: str, /, **fields) -> None:
         self.channel.send(link.message(name, **fields))
@@ -110,8 +113,7 @@ class Host:
         self.send("zygote_pid", pid=self.zygote(in_limits=True).pid)
 
     def controller_shutdown(self) -> bool:
-        if self._pipeline is not None:
-            self._pipeline.shutdown()
+        self.pipeline.shutdown()
         return False
 
     def controller_run(self, nodeid: str, container_config: dict, mode: str, timeout, fresh_arg: str,
@@ -167,19 +169,6 @@ class Host:
                   rusage={}, duration=0.0, events=link.encode(*link.message(event, **fields)))
 
     # -- what the containers need ------------------------------------------------------------
-
-    @property
-    def pipeline(self) -> pipeline.Pipeline:
-        if self._pipeline is None:
-            channel = link.Channel.from_fd(self.launched["factory_fd"])
-            self._pipeline = pipeline.Pipeline(pipeline.InitFactory(channel))
-        return self._pipeline
-
-    @property
-    def masks(self) -> list:
-        if self._masks is None:
-            self._masks = masks.system_path_masks()
-        return self._masks
 
     def zygote(self, in_limits: bool) -> Zygote:
         """The zygote that forks the tests (runtime/zygote.py), made after gc.freeze();
