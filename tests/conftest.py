@@ -3,8 +3,17 @@ containers on this machine (no mocks of the kernel)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pwd
+import re
+import shutil
+import subprocess
 import time
+import uuid
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import pytest
 
@@ -66,3 +75,116 @@ def wait_for(probe, timeout: float):
         if not value or time.monotonic() > deadline:
             return value
         time.sleep(0.05)
+
+
+# -- the report's sections ------------------------------------------------------------------
+
+# A section header is a rule around a title: "=== title ===" (the report's parts),
+# "___ title ___" (one test's report, within FAILURES, ERRORS, PASSES) and
+# "--- title ---" (the "Captured ..." parts of a test's report; the other dashed rules,
+# such as "-- pytest-isolate --" and "-- generated xml file: ... --", are parts of the
+# report of their own). A long title leaves room for a rule of one character only
+# ("_ _ _ _" between the parts of a traceback is no header).
+_RULE = re.compile(r"^([=_-])\1* (.+?) \1+$")
+
+
+def _level(rule: str, title: str) -> int:
+    if rule == "_":
+        return 1
+    if rule == "-" and title.startswith("Captured "):
+        return 2
+    return 0
+
+
+def sections(result: pytest.RunResult) -> list[tuple[str, list[str]]]:
+    """Every section of the output, in order, as (title, lines): the header line first,
+    then the lines up to the next header of the same level or above (a test's section
+    holds its "Captured ..." parts; they are listed on their own too)."""
+    lines = result.outlines
+    headers = []
+    for i, line in enumerate(lines):
+        match = _RULE.match(line)
+        if match and set(match.group(2)) - {match.group(1), " "}:
+            headers.append((i, _level(match.group(1), match.group(2)), match.group(2)))
+    found = []
+    for n, (start, level, title) in enumerate(headers):
+        end = next((i for i, other, _ in headers[n + 1:] if other <= level), len(lines))
+        found.append((title, lines[start:end]))
+    return found
+
+
+def section(result: pytest.RunResult, title: str) -> list[str]:
+    """The first section headed ``title`` (e.g. "test_x", "ERROR at setup of test_x",
+    "short test summary info"), its header line first."""
+    for found, lines in sections(result):
+        if found == title:
+            return lines
+    raise AssertionError(f"no section {title!r} in:\n" + "\n".join(result.outlines[-200:]))
+
+
+def reports_by_test(result: pytest.RunResult) -> dict[str, str]:
+    """Each test's report by test name, without its header: "test_x" (a parameter's
+    "[...]" left off), "setup test_x" / "teardown test_x" for its ERROR at setup/teardown.
+
+    pytest heads a passing test's report only when it has sections of its own (e.g.
+    captured output, with -rP or -rA)."""
+    found = {}
+    for title, lines in sections(result):
+        if not lines[0].startswith("_"):
+            continue
+        match = re.fullmatch(r"(ERROR at (\w+) of )?(\S+?)(\[.*\])?", title)
+        if match:
+            name = (f"{match.group(2)} " if match.group(2) else "") + match.group(3).split("::")[-1]
+            found.setdefault(name, "\n".join(lines[1:]))
+    return found
+
+
+# -- junit XML ------------------------------------------------------------------------------
+
+@dataclass
+class JUnitCase:
+    classname: str
+    name: str
+    properties: dict[str, str]
+    element: ET.Element = field(repr=False)
+
+    @property
+    def tags(self) -> list[str]:
+        """The tags of its children but <properties>: failure, error, skipped, system-out..."""
+        return [child.tag for child in self.element if child.tag != "properties"]
+
+    @property
+    def outcomes(self) -> list[ET.Element]:
+        """Its <failure>, <error> and <skipped> children."""
+        return [child for child in self.element if child.tag in ("failure", "error", "skipped")]
+
+    def text(self, tag: str) -> str:
+        """The text of every child ``tag`` (e.g. "system-out"), joined."""
+        return "".join(child.text or "" for child in self.element.iter(tag))
+
+
+@dataclass
+class JUnitReport:
+    suite: dict[str, str]  # the <testsuite>'s attributes: tests, failures, errors, skipped...
+    suite_properties: dict[str, str]
+    cases: list[JUnitCase]
+
+    def by_name(self) -> dict[str, JUnitCase]:
+        return {case.name: case for case in self.cases}
+
+    def properties(self) -> dict[str, dict[str, str]]:
+        """Each test's <property> name -> value, by test name."""
+        return {case.name: case.properties for case in self.cases}
+
+
+def read_junit(path) -> JUnitReport:
+    """The junit XML that pytest's --junitxml wrote at ``path``."""
+    root = ET.parse(path).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    suite_props = suite.find("properties")
+    cases = [JUnitCase(case.get("classname"), case.get("name"),
+                       {p.get("name"): p.get("value") for p in case.iter("property")}, case)
+             for case in root.iter("testcase")]
+    return JUnitReport(dict(suite.attrib),
+                       {} if suite_props is None else {p.get("name"): p.get("value") for p in suite_props},
+                       cases)

@@ -28,12 +28,11 @@ import subprocess
 import sys
 import time
 import uuid
-import xml.etree.ElementTree as ET
 from functools import cache
 
 import pytest
 
-from conftest import IS_ROOT, find_processes, wait_for
+from conftest import IS_ROOT, find_processes, read_junit, reports_by_test, sections, wait_for
 from pytest_isolate.runtime import cgroups
 
 MiB = 1 << 20
@@ -142,48 +141,10 @@ def test_zz_record_groups():
 '''
 
 
-def sections(result: pytest.RunResult) -> dict[str, str]:
-    """Report sections by test name ("test_x"; "setup test_x" for setup errors).
-
-    pytest heads a passing test's report only when it has sections of its own (e.g.
-    captured output): the inner tests whose reports are read here print something."""
-    found: dict[str, list[str]] = {}
-    current = None
-    header = re.compile(r"^_{2,} (ERROR at (\w+) of )?(\S+?)(\[.*\])? _{2,}$")
-    end = re.compile(r"^(=+ |-+ (pytest-isolate|pytest-isolate: top consumers|generated xml file: .*) -+$)")
-    for line in result.outlines:
-        match = header.match(line)
-        if match:
-            current = (f"{match.group(2)} " if match.group(2) else "") + match.group(3).split("::")[-1]
-            found.setdefault(current, [])
-            continue
-        if end.match(line):
-            current = None
-            continue
-        if current is not None:
-            found[current].append(line)
-    return {name: "\n".join(lines) for name, lines in found.items()}
-
-
-def junit_properties(path) -> dict[str, dict[str, str]]:
-    cases = {}
-    for case in ET.parse(path).getroot().iter("testcase"):
-        cases[case.get("name")] = {p.get("name"): p.get("value") for p in case.iter("property")}
-    return cases
-
-
 def top_consumers(result: pytest.RunResult) -> list[str] | None:
     """The lines of the "pytest-isolate: top consumers" section, None without it."""
-    lines = result.outlines
-    for i, line in enumerate(lines):
-        if re.match(r"^-+ pytest-isolate: top consumers -+$", line):
-            body = []
-            for following in lines[i + 1:]:
-                if following.startswith(("=", "---")):
-                    break
-                body.append(following)
-            return body
-    return None
+    found = [lines[1:] for title, lines in sections(result) if title == "pytest-isolate: top consumers"]
+    return found[0] if found else None
 
 
 def strict_error(text: str) -> None:
@@ -233,8 +194,8 @@ def test_5_sigkill():
 def test_limit_memory_oom_kills_the_hog_only(pytester, run) -> None:
     pytester.makepyfile(test_memory=MEMORY)
     result = run("-rA", "--junitxml=out.xml")
-    by_test = sections(result)
-    props = junit_properties(pytester.path / "out.xml")
+    by_test = reports_by_test(result)
+    props = read_junit(pytester.path / "out.xml").properties()
     if not HAS_CGROUPS:  # strict (the default): the limited tests are refused, the others run
         result.assert_outcomes(passed=2, errors=3)
         for name in ("test_1_under_the_limit", "test_2_hog", "test_5_sigkill"):
@@ -294,10 +255,10 @@ def test_limit_peak_memory_is_the_tests_own(pytester, run) -> None:
     pytester.makepyfile(test_peak=PEAK_PER_TEST)
     result = run("-rA", "--junitxml=out.xml", LIMITS_MODE)
     result.assert_outcomes(passed=2)
-    props = junit_properties(pytester.path / "out.xml")
+    props = read_junit(pytester.path / "out.xml").properties()
     assert int(props["test_1_big"]["isolate_peak_memory_bytes"]) > 96 * MiB
     if V2_OLD_PEAK and "isolate_peak_memory_bytes" not in props["test_2_small"]:
-        assert "peak memory ?" in sections(result)["test_2_small"]  # said, not guessed
+        assert "peak memory ?" in reports_by_test(result)["test_2_small"]  # said, not guessed
     else:
         assert int(props["test_2_small"]["isolate_peak_memory_bytes"]) < 64 * MiB
 
@@ -308,7 +269,7 @@ def test_limit_peak_pids_is_the_tests_own(pytester, run) -> None:
     pytester.makepyfile(test_peak=PEAK_PER_TEST)
     result = run("--junitxml=out.xml", LIMITS_MODE)
     result.assert_outcomes(passed=2)
-    props = junit_properties(pytester.path / "out.xml")
+    props = read_junit(pytester.path / "out.xml").properties()
     if "isolate_peak_pids" not in props["test_1_big"]:
         pytest.skip(f"no pids.peak in this kernel ({os.uname().release})")
     assert int(props["test_1_big"]["isolate_peak_pids"]) >= 12  # init, the test and 10 children
@@ -327,11 +288,11 @@ def test_plain():
 """)
     result = run("-vv", "-rA", "--junitxml=out.xml")
     result.assert_outcomes(passed=2)
-    props = junit_properties(pytester.path / "out.xml")
+    props = read_junit(pytester.path / "out.xml").properties()
     assert int(props["test_unlimited"]["isolate_peak_memory_bytes"]) > 40 * MiB
     assert float(props["test_unlimited"]["isolate_cpu_seconds"]) > 0
     assert props["test_plain"] == {}
-    usage = sections(result)["test_unlimited"]
+    usage = reports_by_test(result)["test_unlimited"]
     assert re.search(r"peak memory [\d.]+ MiB, CPU time [\d.]+ s \(measured by rusage\)", usage), usage
     assert "limits enforced" not in usage
     assert top_consumers(result) is None  # no test had limits: no ranking by default
@@ -357,11 +318,11 @@ def test_limit_pids_refuses_the_fork_bomb(pytester, run) -> None:
     try:
         result = run("-rA", "--junitxml=out.xml", LIMITS_MODE)
         result.assert_outcomes(passed=1)
-        section = sections(result)["test_fork_bomb"]
+        section = reports_by_test(result)["test_fork_bomb"]
         if HAS_CGROUPS:
             refused = re.search(r"the pids limit refused (\d+) fork/clone calls", section)
             assert refused and int(refused.group(1)) >= 1, section
-            hits = junit_properties(pytester.path / "out.xml")["test_fork_bomb"]["isolate_pids_limit_hits"]
+            hits = read_junit(pytester.path / "out.xml").properties()["test_fork_bomb"]["isolate_pids_limit_hits"]
             assert int(hits) >= 1
             assert ENFORCED_BY in section
         else:
@@ -438,13 +399,13 @@ def test_busy():
     assert top_consumers(result) is None  # a limited test, but no ranking asked for
     if not HAS_CGROUPS:
         result.assert_outcomes(errors=1)
-        strict_error(sections(result)["setup test_busy"])
+        strict_error(reports_by_test(result)["setup test_busy"])
         return
     result.assert_outcomes(passed=1)
-    section = sections(result)["test_busy"]
+    section = reports_by_test(result)["test_busy"]
     inside = float(re.search(r"CPU time of the 1 s busy loop: ([\d.]+)", section).group(1))
     assert inside <= 0.4, section  # 0.2 CPU for 1 s, and a period or so of slack
-    props = junit_properties(pytester.path / "out.xml")["test_busy"]
+    props = read_junit(pytester.path / "out.xml").properties()["test_busy"]
     # The container's start-up counts too: a few ms here, more where Python is slow.
     assert inside <= float(props["isolate_cpu_seconds"]) <= 0.4 * slowdown(), props
     assert float(props["isolate_cpu_throttled_seconds"]) > 0.3, props
@@ -481,7 +442,7 @@ def test_ulimits_from_marker_and_command_line_and_above_the_hard_limit(pytester,
     pytester.makepyfile(test_ulimits=ULIMITS)
     result = run("-rA", "--isolate-ulimit", "nofile=100:200")
     result.assert_outcomes(passed=2, errors=1)
-    error = sections(result)["setup test_above_the_hard_limit"]
+    error = reports_by_test(result)["setup test_above_the_hard_limit"]
     assert "ulimits" in error and "nofile" in error and str(hard) in error, error
     assert top_consumers(result) is None  # ulimits are no cgroup limits
 
@@ -552,7 +513,7 @@ def test_limit_strict_and_best_effort_enforce_with_cgroups(pytester, run) -> Non
     for mode in ("strict", "best-effort"):
         result = run("-rA", f"--isolate-limits={mode}")
         result.assert_outcomes(passed=2, failed=1)
-        by_test = sections(result)
+        by_test = reports_by_test(result)
         assert by_test["test_hog"].startswith("Killed by the OOM killer: memory limit 64 MiB reached")
         assert ENFORCED_BY in by_test["test_hog"] and ENFORCED_BY in by_test["test_cpus"]
         assert "best-effort" not in result.stdout.str()
@@ -563,7 +524,7 @@ def test_strict_and_best_effort_without_cgroups(pytester) -> None:
     pytester.makepyfile(test_modes=MODES)
     strict = run_without_cgroups(pytester, "-rA")
     strict.assert_outcomes(passed=1, errors=2)
-    by_test = sections(strict)
+    by_test = reports_by_test(strict)
     for name in ("test_hog", "test_cpus"):
         strict_error(by_test[f"setup {name}"])
         if not HAS_CGROUPS:  # the reason detect() gives here
@@ -572,7 +533,7 @@ def test_strict_and_best_effort_without_cgroups(pytester) -> None:
     best = run_without_cgroups(pytester, "-rA", "--isolate-limits=best-effort")
     counts = best.parseoutcomes()
     assert counts.get("passed") == 2 and counts.get("failed") == 1, counts
-    by_test = sections(best)
+    by_test = reports_by_test(best)
     hog = by_test["test_hog"]
     assert "MemoryError" in hog or "Crashed" in hog, hog  # RLIMIT_DATA stopped it
     assert "OOM" not in hog
@@ -588,7 +549,7 @@ def test_strict_error_reads_once_and_always_names_best_effort(pytester) -> None:
     pytester.makepyfile(test_modes=MODES)
     result = run_without_cgroups(pytester, "-rA", "-k", "hog")
     result.assert_outcomes(errors=1, deselected=2)
-    error = sections(result)["setup test_hog"]
+    error = reports_by_test(result)["setup test_hog"]
     assert error.startswith("pytest-isolate: cannot enforce the limits of this test: "), error
     assert "pytest-isolate: pytest-isolate" not in error
     assert "--isolate-limits=best-effort" in error
@@ -622,11 +583,11 @@ def test_limit_memory_layers_ini_cli_marker(pytester, run) -> None:
     pytester.makepyfile(test_layers=LAYERS)
     ini = run(LIMITS_MODE)
     ini.assert_outcomes(failed=2)
-    by_test = sections(ini)
+    by_test = reports_by_test(ini)
     assert (limit_of(by_test["test_marker"]), limit_of(by_test["test_inherited"])) == ("32 MiB", "64 MiB")
     cli = run(LIMITS_MODE, "--isolate-memory=128m")
     cli.assert_outcomes(failed=2)
-    by_test = sections(cli)
+    by_test = reports_by_test(cli)
     assert (limit_of(by_test["test_marker"]), limit_of(by_test["test_inherited"])) == ("32 MiB", "128 MiB")
 
 
@@ -638,7 +599,7 @@ def test_hog():
     touch(200)
 """)
     result = run("--isolate-mode=fresh", "-rA")
-    by_test = sections(result)
+    by_test = reports_by_test(result)
     if not HAS_CGROUPS:
         result.assert_outcomes(errors=1)
         strict_error(by_test["setup test_hog"])
@@ -672,7 +633,7 @@ def test_limit_memory_under_xdist(pytester, run) -> None:
     pytest.importorskip("xdist")
     pytester.makepyfile(test_xdist=XDIST)
     result = run("-n", "2", "-rA", "--junitxml=out.xml")
-    by_test = sections(result)
+    by_test = reports_by_test(result)
     if not HAS_CGROUPS:
         result.assert_outcomes(passed=2, errors=2)
         strict_error(by_test["setup test_hog"])
@@ -680,7 +641,7 @@ def test_limit_memory_under_xdist(pytester, run) -> None:
     result.assert_outcomes(passed=3, failed=1)
     assert by_test["test_hog"].splitlines()[1] == \
         "Killed by the OOM killer: memory limit 64 MiB reached (peak 64 MiB)."  # [0]: "[gwN] linux -- ..."
-    props = junit_properties(pytester.path / "out.xml")
+    props = read_junit(pytester.path / "out.xml").properties()
     assert props["test_hog"]["isolate_oom_kills"] == "1"
     assert 8 * MiB < int(props["test_small"]["isolate_peak_memory_bytes"]) < 64 * MiB
 
@@ -718,11 +679,11 @@ def test_child_oom_then_hang():
 """)
     result = run("-rA", "--junitxml=out.xml")
     result.assert_outcomes(failed=1)
-    section = sections(result)["test_child_oom_then_hang"]
+    section = reports_by_test(result)["test_child_oom_then_hang"]
     if "the child was OOM-killed" not in section:
         pytest.skip("inconclusive: the timeout came before the child's OOM kill")
     assert section.startswith("Timeout: the test ran longer than timeout=1.5s"), section
-    assert junit_properties(pytester.path / "out.xml")["test_child_oom_then_hang"]["isolate_oom_kills"] == "1"
+    assert read_junit(pytester.path / "out.xml").properties()["test_child_oom_then_hang"]["isolate_oom_kills"] == "1"
 
 
 @pytest.mark.parametrize("marker, why", [
@@ -855,12 +816,12 @@ def test_limit_hogs_are_contained(pytester, run) -> None:
     assert elapsed < bound, elapsed
     counts = result.parseoutcomes()
     assert counts.get("passed") == 1 and counts.get("failed", 0) + counts.get("error", counts.get("errors", 0)) == 3
-    by_test = sections(result)
+    by_test = reports_by_test(result)
     # A timeout ends each endless hog: during its call, or where start-up is slow, its setup.
     for name in ("test_1_fork_bomb", "test_3_cpu_hog"):
         section = by_test.get(name) or by_test[f"setup {name}"]
         assert section.startswith(f"Timeout: the test ran longer than timeout={timeout:g}s"), section
-    cpu = junit_properties(pytester.path / "out.xml")["test_3_cpu_hog"]
+    cpu = read_junit(pytester.path / "out.xml").properties()["test_3_cpu_hog"]
     if HAS_CGROUPS:
         assert by_test["test_2_memory_hog"].startswith("Killed by the OOM killer: memory limit 32 MiB reached")
         if "test_1_fork_bomb" in by_test:  # it got to fork

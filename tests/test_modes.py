@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from conftest import section
 from test_options import OBSERVE, observations
 
 STATE = OBSERVE + """
@@ -123,8 +124,7 @@ def test_param(n):
 
 def summary(result: pytest.RunResult) -> list[str]:
     """The ``-rA`` short summary lines, sorted."""
-    start = next(i for i, line in enumerate(result.outlines) if "short test summary info" in line)
-    return sorted(line for line in result.outlines[start + 1:-1] if not line.startswith("="))
+    return sorted(section(result, "short test summary info")[1:])
 
 
 def test_outcomes_in_fork_and_fresh_mode_equal_the_plain_run(pytester, run) -> None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import re
 import time
-import xml.etree.ElementTree as ET
 
 import pytest
+
+from conftest import read_junit, section
 
 MODES = ["fork", "fresh"]
 
@@ -85,16 +86,6 @@ def normalized(result: pytest.RunResult) -> list[str]:
     return kept
 
 
-def section(result: pytest.RunResult, title: str) -> list[str]:
-    """The lines of the report section headed `___ title ___` (up to the next one)."""
-    lines = result.outlines
-    start = next(i for i, line in enumerate(lines) if re.fullmatch(rf"_+ {re.escape(title)} _+", line))
-    end = next((i for i in range(start + 1, len(lines))
-                if re.match(r"(_{3,} |={3,} |-+ (pytest-isolate|generated xml file: .*) -+$)", lines[i])),
-               len(lines))
-    return lines[start:end]
-
-
 def line_of(path, text: str, after: str = "") -> int:
     """The number of the first line of the file containing `text` (below `after`)."""
     lines = path.read_text().splitlines()
@@ -153,14 +144,12 @@ def junit_cases(path) -> list[tuple]:
     """(name, child tags, properties, failure/skip message) for each testcase; the
     usage properties every isolated test gets are checked, then left out."""
     cases = []
-    for case in ET.parse(path).getroot().iter("testcase"):
-        props = {p.get("name"): p.get("value") for p in case.iter("property")}
-        usage = {name for name in props if name.startswith("isolate_")}
+    for case in read_junit(path).cases:
+        usage = {name for name in case.properties if name.startswith("isolate_")}
         assert usage in (set(), USAGE_PROPERTIES), usage
-        props = {name: value for name, value in props.items() if name not in usage}
-        tags = sorted(child.tag for child in case if child.tag != "properties")
-        messages = [child.get("message") for child in case if child.tag in ("failure", "skipped", "error")]
-        cases.append((case.get("name"), tags, props, messages))
+        props = {name: value for name, value in case.properties.items() if name not in usage}
+        messages = [child.get("message") for child in case.outcomes]
+        cases.append((case.name, sorted(case.tags), props, messages))
     return cases
 
 
@@ -183,7 +172,7 @@ def test_junitxml_gets_properties_and_outcomes_as_in_a_plain_run(pytester, run) 
     isolated = run("--isolate", "--junitxml=isolated.xml")
     plain = run("-p", "no:isolate", "--junitxml=plain.xml")
     isolated.assert_outcomes(passed=1, failed=1, skipped=1, xfailed=1, errors=1)
-    usage = {p.get("name") for p in ET.parse(pytester.path / "isolated.xml").getroot().iter("property")}
+    usage = {name for case in read_junit(pytester.path / "isolated.xml").cases for name in case.properties}
     assert USAGE_PROPERTIES <= usage, "every isolated test reports its usage"
     cases = junit_cases(pytester.path / "isolated.xml")
     assert cases == junit_cases(pytester.path / "plain.xml")
@@ -193,9 +182,8 @@ def test_junitxml_gets_properties_and_outcomes_as_in_a_plain_run(pytester, run) 
     assert by_name["test_skip"] == (["skipped"], {}, ["not today"])
     assert by_name["test_xfail"][0] == ["skipped"]
     assert by_name["test_error"][0] == ["error"]
-    suite = ET.parse(pytester.path / "isolated.xml").getroot().find("testsuite")
-    assert (suite.get("tests"), suite.get("failures"), suite.get("errors"), suite.get("skipped")) == \
-        ("5", "1", "1", "2")
+    suite = read_junit(pytester.path / "isolated.xml").suite
+    assert (suite["tests"], suite["failures"], suite["errors"], suite["skipped"]) == ("5", "1", "1", "2")
 
 
 def test_junitxml_gets_testsuite_properties_of_isolated_tests(pytester, run) -> None:
@@ -203,9 +191,7 @@ def test_junitxml_gets_testsuite_properties_of_isolated_tests(pytester, run) -> 
     pytester.makepyfile("def test_suite_prop(record_testsuite_property):\n"
                         "    record_testsuite_property('build', '1234')")
     run("--isolate", "--junitxml=out.xml").assert_outcomes(passed=1)
-    suite = ET.parse(pytester.path / "out.xml").getroot().find("testsuite")
-    props = {p.get("name"): p.get("value") for p in suite.find("properties").iter("property")}
-    assert props == {"build": "1234"}
+    assert read_junit(pytester.path / "out.xml").suite_properties == {"build": "1234"}
 
 
 def test_junitxml_keeps_the_output_a_test_printed_before_it_crashed(pytester, run) -> None:
@@ -221,8 +207,7 @@ def test_junitxml_keeps_the_output_a_test_printed_before_it_crashed(pytester, ru
             assert 0
     """)
     run("--isolate", "--junitxml=out.xml", "-o", "junit_logging=all").assert_outcomes(failed=2)
-    outs = {case.get("name"): "".join(e.text or "" for e in case.iter("system-out"))
-            for case in ET.parse(pytester.path / "out.xml").getroot().iter("testcase")}
+    outs = {case.name: case.text("system-out") for case in read_junit(pytester.path / "out.xml").cases}
     assert "PRINTED-BEFORE-THE-FAILURE" in outs["test_fail"]
     assert "PRINTED-BEFORE-THE-CRASH" in outs["test_crash"]
 
@@ -345,11 +330,11 @@ def test_crashes_fail_only_their_test_with_reason_output_and_traceback(pytester,
         "FAILED test_crashes.py::test_segv - Failed: Crashed: *",
         "FAILED test_crashes.py::test_exit - Failed: Crashed: *",
     ], consecutive=False)
-    cases = {c.get("name"): c for c in ET.parse(pytester.path / "out.xml").getroot().iter("testcase")}
-    assert "signal 11 (SIGSEGV)" in cases["test_segv"].find("failure").get("message")
-    assert "status 3" in cases["test_exit"].find("failure").get("message")
-    assert cases["test_setup_crash"].find("error") is not None
-    assert [child.tag for child in cases["test_last"]] == ["properties"]  # usage only
+    cases = read_junit(pytester.path / "out.xml").by_name()
+    assert "signal 11 (SIGSEGV)" in cases["test_segv"].element.find("failure").get("message")
+    assert "status 3" in cases["test_exit"].element.find("failure").get("message")
+    assert "error" in cases["test_setup_crash"].tags
+    assert cases["test_last"].tags == [] and cases["test_last"].properties  # usage only
 
 
 def test_crash_report_is_the_reason_then_the_output(pytester, run) -> None:
