@@ -8,6 +8,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -75,6 +76,82 @@ def wait_for(probe, timeout: float):
         if not value or time.monotonic() > deadline:
             return value
         time.sleep(0.05)
+
+
+# -- users that tests make -------------------------------------------------------------------
+
+@contextlib.contextmanager
+def system_user(name: str) -> Iterator[pwd.struct_passwd]:
+    """The unprivileged user ``name`` (a system user: no home, no login shell) while the
+    block runs. Made with useradd when missing, and then removed with ``userdel -r``
+    when the block ends, failed or not, with its processes and the inner pytest's
+    /tmp/pytest-of-NAME. A user that was there already (CI's ci/guest/lane.sh makes
+    pytest-isolate-ci; an older run or another run at the same time may have made it)
+    is used as it is and left in place: only what this block made is removed."""
+    try:
+        existing = pwd.getpwnam(name)
+    except KeyError:
+        existing = None
+    if existing is not None:
+        yield existing
+        return
+    made = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        try:
+            user = pwd.getpwnam(name)  # another run made it meanwhile: it is theirs
+        except KeyError:
+            raise AssertionError(f"useradd {name} failed: {made.stderr}") from None
+        yield user
+        return
+    user = pwd.getpwnam(name)
+    try:
+        yield user
+    finally:
+        def left() -> list[int]:  # processes of the new user: the test's own, still running
+            return [int(p) for p in os.listdir("/proc") if p.isdigit() and _owner(p) == user.pw_uid]
+
+        def kill_left() -> list[int]:
+            pids = left()
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            return pids
+
+        wait_for(kill_left, 30)
+        removed = subprocess.run(["userdel", "-r", name], capture_output=True, text=True)
+        tmp = f"/tmp/pytest-of-{name}"
+        if os.path.isdir(tmp) and os.stat(tmp).st_uid == user.pw_uid:
+            shutil.rmtree(tmp, ignore_errors=True)
+        assert removed.returncode == 0, f"userdel -r {name}: {removed.stderr}"
+
+
+def _owner(pid: str) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
+# -- inner test programs --------------------------------------------------------------------
+
+MEMORY_HOG = '''
+import pytest
+
+@pytest.mark.isolated(memory="64m")
+def {name}():
+    print("printed before the hog")
+    block = bytearray(200 << 20)  # 200 MiB under a 64 MiB limit,
+    for i in range(0, len(block), 4096):  # each page written, so all of it is resident
+        block[i] = 1
+'''
+
+
+def memory_hog(name: str = "test_hog") -> str:
+    """The source of an inner test ``name`` limited to 64 MiB that prints "printed before
+    the hog", then writes 200 MiB: the OOM killer ends it (with cgroups), or
+    RLIMIT_DATA's MemoryError (best-effort without)."""
+    return MEMORY_HOG.format(name=name)
 
 
 # -- the report's sections ------------------------------------------------------------------
