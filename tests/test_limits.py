@@ -32,7 +32,7 @@ from functools import cache
 
 import pytest
 
-from conftest import IS_ROOT, find_processes, read_junit, reports_by_test, sections, wait_for
+from conftest import IS_ROOT, find_processes, memory_hog, read_junit, reports_by_test, sections, wait_for
 from pytest_isolate.runtime import cgroups
 
 MiB = 1 << 20
@@ -171,12 +171,7 @@ MEMORY = HELPERS + """
 @pytest.mark.isolated(memory="64m")
 def test_1_under_the_limit():
     touch(16)
-
-@pytest.mark.isolated(memory="64m")
-def test_2_hog():
-    print("printed before the hog")
-    touch(200)
-
+""" + memory_hog("test_2_hog") + """
 @pytest.mark.isolated
 def test_3_isolated_after():
     touch(200)
@@ -490,12 +485,7 @@ def test_usage_top_consumers_summary(pytester, run) -> None:
 
 # -- strict and best-effort ------------------------------------------------------------
 
-MODES = HELPERS + """
-@pytest.mark.isolated(memory="64m")
-def test_hog():
-    print("printed before the hog")
-    touch(200)
-
+MODES = HELPERS + memory_hog() + """
 @pytest.mark.isolated(cpus=0.2)
 def test_cpus():
     print("limited to 0.2 CPUs")
@@ -592,12 +582,7 @@ def test_limit_memory_layers_ini_cli_marker(pytester, run) -> None:
 
 
 def test_limit_memory_in_fresh_mode(pytester, run) -> None:
-    pytester.makepyfile(test_fresh=HELPERS + """
-@pytest.mark.isolated(memory="64m")
-def test_hog():
-    print("printed before the hog")
-    touch(200)
-""")
+    pytester.makepyfile(test_fresh=memory_hog())
     result = run("--isolate-mode=fresh", "-rA")
     by_test = reports_by_test(result)
     if not HAS_CGROUPS:
@@ -615,11 +600,7 @@ XDIST = HELPERS + """
 @pytest.mark.isolated(memory="64m")
 def test_small():
     touch(8)
-
-@pytest.mark.isolated(memory="64m")
-def test_hog():
-    touch(200)
-
+""" + memory_hog() + """
 @pytest.mark.isolated
 def test_unlimited():
     pass
@@ -706,11 +687,7 @@ def test_swap():
 
 # -- nothing leaks, everything is contained ---------------------------------------------
 
-LEAKS = """
-@pytest.mark.isolated(memory="64m")
-def test_hog():
-    touch(200)
-""" + RECORD_GROUPS
+LEAKS = memory_hog() + RECORD_GROUPS
 
 
 def test_limit_groups_are_removed_at_the_end(pytester, run) -> None:
