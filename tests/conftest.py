@@ -158,17 +158,18 @@ def memory_hog(name: str = "test_hog") -> str:
 
 # A section header is a rule around a title: "=== title ===" (the report's parts),
 # "___ title ___" (one test's report, within FAILURES, ERRORS, PASSES) and
-# "--- title ---" (the "Captured ..." parts of a test's report; the other dashed rules,
-# such as "-- pytest-isolate --" and "-- generated xml file: ... --", are parts of the
-# report of their own). A long title leaves room for a rule of one character only
+# "--- title ---": the sections of a test's report ("Captured stdout call", "pytest-isolate
+# usage (after teardown)"...), but for the dashed parts of the report that the terminal
+# summary adds (SUMMARY_PARTS). A long title leaves room for a rule of one character only
 # ("_ _ _ _" between the parts of a traceback is no header).
 _RULE = re.compile(r"^([=_-])\1* (.+?) \1+$")
+SUMMARY_PARTS = re.compile(r"pytest-isolate|pytest-isolate: top consumers|generated xml file: .*")
 
 
 def _level(rule: str, title: str) -> int:
     if rule == "_":
         return 1
-    if rule == "-" and title.startswith("Captured "):
+    if rule == "-" and not SUMMARY_PARTS.fullmatch(title):
         return 2
     return 0
 
@@ -176,7 +177,7 @@ def _level(rule: str, title: str) -> int:
 def sections(result: pytest.RunResult) -> list[tuple[str, list[str]]]:
     """Every section of the output, in order, as (title, lines): the header line first,
     then the lines up to the next header of the same level or above (a test's section
-    holds its "Captured ..." parts; they are listed on their own too)."""
+    holds its own sections, "Captured ..." and others; they are listed on their own too)."""
     lines = result.outlines
     headers = []
     for i, line in enumerate(lines):
