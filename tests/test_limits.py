@@ -228,12 +228,15 @@ PEAK_PER_TEST = HELPERS + """
 def test_1_big():
     touch(96)
     children = []
-    for _ in range(10):
+    hold, release = os.pipe()
+    for _ in range(10):  # ten children at once: each waits until all are there
         pid = os.fork()
         if pid == 0:
-            time.sleep(0.2)
+            os.close(release)
+            os.read(hold, 1)
             os._exit(0)
         children.append(pid)
+    os.close(release)
     for pid in children:
         os.waitpid(pid, 0)
 
@@ -381,13 +384,16 @@ def test_v1_group_with_cpu_and_cpuacct_mounted_together(tmp_path) -> None:
 # -- cpus ------------------------------------------------------------------------------
 
 def test_limit_cpus_throttles_a_busy_loop(pytester, run) -> None:
+    """cpus=0.2: a loop that burns 0.3 s of CPU gets no more than 0.2 CPU over its wall
+    time (an upper bound that a busy machine only makes easier), so it runs at least
+    about 1.5 s, and the group's throttling is reported."""
     pytester.makepyfile(test_cpus=HELPERS + """
 @pytest.mark.isolated(cpus=0.2)
 def test_busy():
-    cpu, end = time.process_time(), time.monotonic() + 1
-    while time.monotonic() < end:
+    cpu, wall = time.process_time(), time.monotonic()
+    while time.process_time() - cpu < 0.3:
         pass
-    print("CPU time of the 1 s busy loop:", time.process_time() - cpu)
+    print("CPU time and wall time of the busy loop:", time.process_time() - cpu, time.monotonic() - wall)
 """)
     # The default mode: a fresh interpreter's own start-up would count as the test's CPU.
     result = run("-rA", "--junitxml=out.xml", "--isolate-usage=0", "--isolate-mode=fork")
@@ -398,12 +404,14 @@ def test_busy():
         return
     result.assert_outcomes(passed=1)
     section = reports_by_test(result)["test_busy"]
-    inside = float(re.search(r"CPU time of the 1 s busy loop: ([\d.]+)", section).group(1))
-    assert inside <= 0.4, section  # 0.2 CPU for 1 s, and a period or so of slack
+    cpu, wall = map(float, re.search(r"CPU time and wall time of the busy loop: ([\d.]+) ([\d.]+)", section).groups())
+    # 0.2 CPU over the loop's wall time, and a period's quota or so of slack (unlimited,
+    # the loop would take 0.3 s of wall time for its 0.3 s of CPU)
+    assert 0.3 <= cpu <= 0.2 * wall + 0.1, section
     props = read_junit(pytester.path / "out.xml").properties()["test_busy"]
-    # The container's start-up counts too: a few ms here, more where Python is slow.
-    assert inside <= float(props["isolate_cpu_seconds"]) <= 0.4 * slowdown(), props
-    assert float(props["isolate_cpu_throttled_seconds"]) > 0.3, props
+    # The container's start-up counts too: a few ms of CPU here, more where Python is slow.
+    assert cpu <= float(props["isolate_cpu_seconds"]) <= cpu + 0.2 * slowdown(), props
+    assert float(props["isolate_cpu_throttled_seconds"]) > 0, props
     assert re.search(r"CPU throttled in \d+ periods, [\d.]+ s in all, by the cpus limit", section), section
 
 
@@ -646,8 +654,10 @@ def test_limit_timeout_is_not_reported_as_oom(pytester, run) -> None:
     """A child OOM-killed earlier does not make the test's timeout an OOM kill."""
     if not HAS_CGROUPS:
         pytest.skip(f"no cgroups here: {NO_CGROUP_REASON}")
+    # The timeout leaves the child ample time to be OOM-killed (well under a second here);
+    # then the test hangs until the timeout ends it.
     pytester.makepyfile(test_child=HELPERS + """
-@pytest.mark.isolated(memory="64m", timeout=1.5)
+@pytest.mark.isolated(memory="64m", timeout=10)
 def test_child_oom_then_hang():
     pid = os.fork()
     if pid == 0:
@@ -656,14 +666,13 @@ def test_child_oom_then_hang():
     _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     print("the child was OOM-killed")
-    time.sleep(60)
+    time.sleep(3600)
 """)
     result = run("-rA", "--junitxml=out.xml")
     result.assert_outcomes(failed=1)
     section = reports_by_test(result)["test_child_oom_then_hang"]
-    if "the child was OOM-killed" not in section:
-        pytest.skip("inconclusive: the timeout came before the child's OOM kill")
-    assert section.startswith("Timeout: the test ran longer than timeout=1.5s"), section
+    assert section.startswith("Timeout: the test ran longer than timeout=10s"), section
+    assert "the child was OOM-killed" in section, section
     assert read_junit(pytester.path / "out.xml").properties()["test_child_oom_then_hang"]["isolate_oom_kills"] == "1"
 
 
@@ -716,7 +725,7 @@ MARK = {mark!r}
 @pytest.mark.isolated(memory="64m", pids=64)
 def test_sleeps_until_pytest_is_killed():
     spawn_until_refused(MARK, most=1)
-    time.sleep(60)
+    time.sleep(3600)
 """
 
 
@@ -784,28 +793,26 @@ def test_4_plain_after():
 
 
 def test_limit_hogs_are_contained(pytester, run) -> None:
-    timeout = round(1.5 * slowdown(), 1)
+    """Each hog is stopped by its limit or its timeout, and the run goes on: the timeout
+    is ample for the hogs to reach their call (the run's own timeout is a safety net only)."""
+    timeout = 5
     pytester.makepyfile(test_hogs=CONTAINMENT.format(timeout=timeout))
-    started = time.monotonic()
-    bound = 60 * slowdown()
-    result = run("-rA", "--junitxml=out.xml", LIMITS_MODE, timeout=bound + 30)
-    elapsed = time.monotonic() - started
-    assert elapsed < bound, elapsed
-    counts = result.parseoutcomes()
-    assert counts.get("passed") == 1 and counts.get("failed", 0) + counts.get("error", counts.get("errors", 0)) == 3
+    result = run("-rA", "--junitxml=out.xml", LIMITS_MODE, timeout=600)
+    result.assert_outcomes(passed=1, failed=3)
     by_test = reports_by_test(result)
-    # A timeout ends each endless hog: during its call, or where start-up is slow, its setup.
+    # A timeout ends each endless hog during its call.
     for name in ("test_1_fork_bomb", "test_3_cpu_hog"):
-        section = by_test.get(name) or by_test[f"setup {name}"]
-        assert section.startswith(f"Timeout: the test ran longer than timeout={timeout:g}s"), section
-    cpu = read_junit(pytester.path / "out.xml").properties()["test_3_cpu_hog"]
+        assert by_test[name].startswith(f"Timeout: the test ran longer than timeout={timeout}s"), by_test[name]
+    cpu_hog = read_junit(pytester.path / "out.xml").by_name()["test_3_cpu_hog"]
+    cpu = cpu_hog.properties
     if HAS_CGROUPS:
         assert by_test["test_2_memory_hog"].startswith("Killed by the OOM killer: memory limit 32 MiB reached")
-        if "test_1_fork_bomb" in by_test:  # it got to fork
-            assert re.search(r"the pids limit refused \d+ fork/clone calls", by_test["test_1_fork_bomb"])
-        # 0.1 CPU for the timeout and the kill's grace, whatever the start-up took
-        assert float(cpu["isolate_cpu_seconds"]) < 0.1 * (timeout + 1) + 0.3, cpu
+        assert re.search(r"the pids limit refused \d+ fork/clone calls", by_test["test_1_fork_bomb"])
+        # 0.1 CPU for as long as the container lived (the report's duration: the timeout
+        # and the kill, however late a busy machine made it), and start-up's slack
+        lived = float(cpu_hog.element.get("time"))
+        assert lived >= timeout and float(cpu["isolate_cpu_seconds"]) < 0.1 * lived + 0.3, (lived, cpu)
         assert float(cpu["isolate_cpu_throttled_seconds"]) > 0, cpu
     else:
         assert "MemoryError" in by_test["test_2_memory_hog"] or "Crashed" in by_test["test_2_memory_hog"]
-        assert "cpus 0.1 NOT enforced" in (by_test.get("test_3_cpu_hog") or by_test["setup test_3_cpu_hog"])
+        assert "cpus 0.1 NOT enforced" in by_test["test_3_cpu_hog"]
