@@ -4,7 +4,6 @@ from inside its container, and that outcomes equal those of a plain run."""
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
@@ -173,7 +172,7 @@ def test_crash():
 
 @pytest.mark.isolated(timeout=1)
 def test_timeout():
-    time.sleep(60)
+    time.sleep(3600)  # the timeout is the only clock
 
 @pytest.mark.isolated
 @pytest.mark.parametrize("n", range(4))
@@ -184,9 +183,7 @@ def test_pass(n):
 
 def test_xdist_reports_crash_and_timeout_and_completes(pytester, run) -> None:
     pytester.makepyfile(test_xf=XDIST_FAILURES)
-    started = time.monotonic()
     result = run("-n", "2", "-rf")
-    elapsed = time.monotonic() - started
     result.assert_outcomes(passed=4, failed=2)
     result.stdout.fnmatch_lines_random([
         "*Crashed: the test's process was killed by signal 11 (SIGSEGV) during call.*",
@@ -195,7 +192,6 @@ def test_xdist_reports_crash_and_timeout_and_completes(pytester, run) -> None:
         "FAILED test_xf.py::test_timeout*",
     ])
     assert "before the crash" in result.stdout.str()
-    assert elapsed < 30, elapsed
 
 
 # -- unittest subtests ----------------------------------------------------------------------
