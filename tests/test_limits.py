@@ -36,7 +36,7 @@ from conftest import IS_ROOT, find_processes, memory_hog, read_junit, reports_by
 from pytest_isolate.runtime import cgroups
 
 MiB = 1 << 20
-GRACE = 5.0
+GRACE = 60.0  # how long a leftover may take to go: a safety net, not a bound (one stays for ever)
 
 
 def _backend() -> tuple[int | None, str]:

@@ -8,7 +8,6 @@ line by line with it (after the header, with addresses and durations blanked).
 from __future__ import annotations
 
 import re
-import time
 
 import pytest
 
