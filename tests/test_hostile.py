@@ -191,7 +191,7 @@ def test_attacker():
 # -- 3. timeouts -------------------------------------------------------------------------
 
 HANG = """
-@pytest.mark.isolated(timeout=2)
+@pytest.mark.isolated(timeout=5)
 def test_attacker():
     forge_finished()
     while True:  # until the timeout ends it: the only clock
@@ -206,19 +206,19 @@ def test_attacker():
 @pytest.mark.parametrize("mode", MODES)
 def test_forged_finished_does_not_stop_the_timeout(pytester, run, mode: str, chatty: bool) -> None:
     """After a forged "finished" the test sleeps (or keeps writing frames) for ever: its
-    host still kills it at its 2 s timeout, and says so (the controller's watchdog, 30 s
+    host still kills it at its 5 s timeout, and says so (the controller's watchdog, 30 s
     later, would report a lost link instead)."""
     inner(pytester, "test_hang", HANG, CHATTY=chatty)
     result = run(f"--isolate-mode={mode}", "-rA", timeout=180)
     text = assert_sane(result)
     result.stdout.fnmatch_lines(["FAILED test_hang.py::test_attacker - *"])
     assert "lost the link" not in text, text[-6000:]
-    assert "Timeout: the test ran longer than timeout=2s" in text or TAMPERED in text, text[-6000:]
+    assert "Timeout: the test ran longer than timeout=5s" in text or TAMPERED in text, text[-6000:]
     assert text.count("PASSED test_hang.py::test_victim") == 1, text[-6000:]
 
 
 GROW = """
-@pytest.mark.isolated(timeout=2, mounts=[f"{SHARED}:/mnt/d:rw"])
+@pytest.mark.isolated(timeout=5, mounts=[f"{SHARED}:/mnt/d:rw"])
 def test_1_attacker():
     log = open("/mnt/d/grow.log", "a")
     log.write("start\\n")

@@ -351,24 +351,25 @@ def test_crash_report_is_the_reason_then_the_output(pytester, run) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_marker_timeout_kills_the_test_and_the_run_goes_on(pytester, run, mode) -> None:
-    """timeout=1 on an hour's sleep: FAILED with the reason and the sleeping line (the
-    timeout is the only clock that ends it), and the next test runs."""
+    """timeout=5 on an hour's sleep: FAILED with the reason and the sleeping line (the
+    timeout is the only clock that ends it), and the next test runs. The timeout counts
+    from the container's start: 5 s leave a fresh interpreter ample time to start."""
     pytester.makepyfile(test_timeout='''
         import time
         import pytest
 
-        @pytest.mark.isolated(timeout=1)
+        @pytest.mark.isolated(timeout=5)
         def test_sleeps():
             print("SLEEP-MARK")
             time.sleep(3600)
 
-        @pytest.mark.isolated(timeout=1)
+        @pytest.mark.isolated(timeout=60)  # a safety net: it never fires
         def test_next(): pass
     ''')
     result = run(f"--isolate-mode={mode}", "-rA")
     result.assert_outcomes(failed=1, passed=1)
     report = section(result, "test_sleeps")
-    assert report[1] == ("Timeout: the test ran longer than timeout=1s (setup, call and teardown "
+    assert report[1] == ("Timeout: the test ran longer than timeout=5s (setup, call and teardown "
                          "together); its container was killed during call.")
     result.stdout.fnmatch_lines(["PASSED test_timeout.py::test_next"])
     path = pytester.path / "test_timeout.py"
@@ -386,7 +387,7 @@ def test_fresh_mode_timeout_keeps_traceback_and_output(pytester, run) -> None:
 
         time.sleep(0.6)  # a heavy import
 
-        @pytest.mark.isolated(timeout=2, mode="fresh")
+        @pytest.mark.isolated(timeout=5, mode="fresh")
         def test_sleeps():
             print("SLEEP-MARK")
             time.sleep(3600)
@@ -394,13 +395,13 @@ def test_fresh_mode_timeout_keeps_traceback_and_output(pytester, run) -> None:
     result = run()
     result.assert_outcomes(failed=1)
     report = section(result, "test_sleeps")
-    assert report[1].startswith("Timeout: the test ran longer than timeout=2s")
+    assert report[1].startswith("Timeout: the test ran longer than timeout=5s")
     assert any(re.search(r'test_slow_import\.py", line \d+ in test_sleeps$', line) for line in report)
     assert tail(report, 2) == ["-- Captured stdout call", "SLEEP-MARK"]
 
 
 def test_command_line_timeout_applies_to_setup_and_call(pytester, run) -> None:
-    """--isolate-timeout=1: a hanging fixture is ERROR at setup, a hanging test FAILED (each
+    """--isolate-timeout=5: a hanging fixture is ERROR at setup, a hanging test FAILED (each
     hangs for an hour: the timeout is the only clock that ends them)."""
     pytester.makepyfile(test_cli_timeout='''
         import time
@@ -413,12 +414,12 @@ def test_command_line_timeout_applies_to_setup_and_call(pytester, run) -> None:
         def test_call_hangs(): time.sleep(3600)
         def test_quick(): pass
     ''')
-    result = run("--isolate", "--isolate-timeout=1")
+    result = run("--isolate", "--isolate-timeout=5")
     result.assert_outcomes(errors=1, failed=1, passed=1)
     assert section(result, "ERROR at setup of test_setup_hangs")[1].endswith(
         "its container was killed during setup.")
     call = section(result, "test_call_hangs")
-    assert call[1].startswith("Timeout: the test ran longer than timeout=1s")
+    assert call[1].startswith("Timeout: the test ran longer than timeout=5s")
     assert any(re.search(r'test_cli_timeout\.py", line \d+ in test_call_hangs$', line) for line in call)
 
 
