@@ -141,14 +141,15 @@ def test_cli_none_disables_the_ini_timeout():
 
 @pytest.mark.isolated(timeout=None)
 def test_marker_none_disables_it_too():
-    time.sleep(3.5)  # longer than the ini timeout
+    time.sleep(6)  # longer than the ini timeout
 """
 
 
 def test_boundary_values_and_disabling_a_timeout(pytester, run, monkeypatch) -> None:
-    pytester.makeini("[pytest]\nisolate_timeout = 2.5\n")
+    # 5 s from the container's start: ample for a fresh interpreter to reach the call
+    pytester.makeini("[pytest]\nisolate_timeout = 5\n")
     pytester.makepyfile(test_bounds=BOUNDARIES)
-    monkeypatch.setenv("SLOW_TEST_SLEEPS", "3.5")
+    monkeypatch.setenv("SLOW_TEST_SLEEPS", "6")
     result = run("-rP", "--isolate-timeout=none")
     result.assert_outcomes(passed=3)
     seen = observations(result)
@@ -160,7 +161,7 @@ def test_boundary_values_and_disabling_a_timeout(pytester, run, monkeypatch) -> 
     monkeypatch.setenv("SLOW_TEST_SLEEPS", "3600")
     result = run("-rf")
     result.assert_outcomes(passed=2, failed=1)
-    result.stdout.fnmatch_lines(["Timeout: the test ran longer than timeout=2.5s*",
+    result.stdout.fnmatch_lines(["Timeout: the test ran longer than timeout=5s*",
                                  "FAILED test_bounds.py::test_cli_none_disables_the_ini_timeout*"])
 
 
