@@ -3,8 +3,17 @@ containers on this machine (no mocks of the kernel)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pwd
+import re
+import shutil
+import signal
+import subprocess
 import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import pytest
 
@@ -66,3 +75,193 @@ def wait_for(probe, timeout: float):
         if not value or time.monotonic() > deadline:
             return value
         time.sleep(0.05)
+
+
+# -- users that tests make -------------------------------------------------------------------
+
+@contextlib.contextmanager
+def system_user(name: str) -> Iterator[pwd.struct_passwd]:
+    """The unprivileged user ``name`` (a system user: no home, no login shell) while the
+    block runs. Made with useradd when missing, and then removed with ``userdel -r``
+    when the block ends, failed or not, with its processes and the inner pytest's
+    /tmp/pytest-of-NAME. A user that was there already (CI's ci/guest/lane.sh makes
+    pytest-isolate-ci; an older run or another run at the same time may have made it)
+    is used as it is and left in place: only what this block made is removed."""
+    try:
+        existing = pwd.getpwnam(name)
+    except KeyError:
+        existing = None
+    if existing is not None:
+        yield existing
+        return
+    made = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        try:
+            user = pwd.getpwnam(name)  # another run made it meanwhile: it is theirs
+        except KeyError:
+            raise AssertionError(f"useradd {name} failed: {made.stderr}") from None
+        yield user
+        return
+    user = pwd.getpwnam(name)
+    try:
+        yield user
+    finally:
+        def left() -> list[int]:  # processes of the new user: the test's own, still running
+            return [int(p) for p in os.listdir("/proc") if p.isdigit() and _owner(p) == user.pw_uid]
+
+        def kill_left() -> list[int]:
+            pids = left()
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            return pids
+
+        wait_for(kill_left, 30)
+        removed = subprocess.run(["userdel", "-r", name], capture_output=True, text=True)
+        tmp = f"/tmp/pytest-of-{name}"
+        if os.path.isdir(tmp) and os.stat(tmp).st_uid == user.pw_uid:
+            shutil.rmtree(tmp, ignore_errors=True)
+        assert removed.returncode == 0, f"userdel -r {name}: {removed.stderr}"
+
+
+def _owner(pid: str) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
+# -- inner test programs --------------------------------------------------------------------
+
+MEMORY_HOG = '''
+import pytest
+
+@pytest.mark.isolated(memory="64m")
+def {name}():
+    print("printed before the hog")
+    block = bytearray(200 << 20)  # 200 MiB under a 64 MiB limit,
+    for i in range(0, len(block), 4096):  # each page written, so all of it is resident
+        block[i] = 1
+'''
+
+
+def memory_hog(name: str = "test_hog") -> str:
+    """The source of an inner test ``name`` limited to 64 MiB that prints "printed before
+    the hog", then writes 200 MiB: the OOM killer ends it (with cgroups), or
+    RLIMIT_DATA's MemoryError (best-effort without)."""
+    return MEMORY_HOG.format(name=name)
+
+
+# -- the report's sections ------------------------------------------------------------------
+
+# A section header is a rule around a title: "=== title ===" (the report's parts),
+# "___ title ___" (one test's report, within FAILURES, ERRORS, PASSES) and
+# "--- title ---": the sections of a test's report ("Captured stdout call", "pytest-isolate
+# usage (after teardown)"...), but for the dashed parts of the report that the terminal
+# summary adds (SUMMARY_PARTS). A long title leaves room for a rule of one character only
+# ("_ _ _ _" between the parts of a traceback is no header).
+_RULE = re.compile(r"^([=_-])\1* (.+?) \1+$")
+SUMMARY_PARTS = re.compile(r"pytest-isolate|pytest-isolate: top consumers|generated xml file: .*")
+
+
+def _level(rule: str, title: str) -> int:
+    if rule == "_":
+        return 1
+    if rule == "-" and not SUMMARY_PARTS.fullmatch(title):
+        return 2
+    return 0
+
+
+def sections(result: pytest.RunResult) -> list[tuple[str, list[str]]]:
+    """Every section of the output, in order, as (title, lines): the header line first,
+    then the lines up to the next header of the same level or above (a test's section
+    holds its own sections, "Captured ..." and others; they are listed on their own too)."""
+    lines = result.outlines
+    headers = []
+    for i, line in enumerate(lines):
+        match = _RULE.match(line)
+        if match and set(match.group(2)) - {match.group(1), " "}:
+            headers.append((i, _level(match.group(1), match.group(2)), match.group(2)))
+    found = []
+    for n, (start, level, title) in enumerate(headers):
+        end = next((i for i, other, _ in headers[n + 1:] if other <= level), len(lines))
+        found.append((title, lines[start:end]))
+    return found
+
+
+def section(result: pytest.RunResult, title: str) -> list[str]:
+    """The first section headed ``title`` (e.g. "test_x", "ERROR at setup of test_x",
+    "short test summary info"), its header line first."""
+    for found, lines in sections(result):
+        if found == title:
+            return lines
+    raise AssertionError(f"no section {title!r} in:\n" + "\n".join(result.outlines[-200:]))
+
+
+def reports_by_test(result: pytest.RunResult) -> dict[str, str]:
+    """Each test's report by test name, without its header: "test_x" (a parameter's
+    "[...]" left off), "setup test_x" / "teardown test_x" for its ERROR at setup/teardown.
+
+    pytest heads a passing test's report only when it has sections of its own (e.g.
+    captured output, with -rP or -rA)."""
+    found = {}
+    for title, lines in sections(result):
+        if not lines[0].startswith("_"):
+            continue
+        match = re.fullmatch(r"(ERROR at (\w+) of )?(\S+?)(\[.*\])?", title)
+        if match:
+            name = (f"{match.group(2)} " if match.group(2) else "") + match.group(3).split("::")[-1]
+            found.setdefault(name, "\n".join(lines[1:]))
+    return found
+
+
+# -- junit XML ------------------------------------------------------------------------------
+
+@dataclass
+class JUnitCase:
+    classname: str
+    name: str
+    properties: dict[str, str]
+    element: ET.Element = field(repr=False)
+
+    @property
+    def tags(self) -> list[str]:
+        """The tags of its children but <properties>: failure, error, skipped, system-out..."""
+        return [child.tag for child in self.element if child.tag != "properties"]
+
+    @property
+    def outcomes(self) -> list[ET.Element]:
+        """Its <failure>, <error> and <skipped> children."""
+        return [child for child in self.element if child.tag in ("failure", "error", "skipped")]
+
+    def text(self, tag: str) -> str:
+        """The text of every child ``tag`` (e.g. "system-out"), joined."""
+        return "".join(child.text or "" for child in self.element.iter(tag))
+
+
+@dataclass
+class JUnitReport:
+    suite: dict[str, str]  # the <testsuite>'s attributes: tests, failures, errors, skipped...
+    suite_properties: dict[str, str]
+    cases: list[JUnitCase]
+
+    def by_name(self) -> dict[str, JUnitCase]:
+        return {case.name: case for case in self.cases}
+
+    def properties(self) -> dict[str, dict[str, str]]:
+        """Each test's <property> name -> value, by test name."""
+        return {case.name: case.properties for case in self.cases}
+
+
+def read_junit(path) -> JUnitReport:
+    """The junit XML that pytest's --junitxml wrote at ``path``."""
+    root = ET.parse(path).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    suite_props = suite.find("properties")
+    cases = [JUnitCase(case.get("classname"), case.get("name"),
+                       {p.get("name"): p.get("value") for p in case.iter("property")}, case)
+             for case in root.iter("testcase")]
+    return JUnitReport(dict(suite.attrib),
+                       {} if suite_props is None else {p.get("name"): p.get("value") for p in suite_props},
+                       cases)

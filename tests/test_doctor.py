@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import pwd
 import re
 import shutil
 import stat
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import system_user
 from pytest_isolate import doctor
 from pytest_isolate.runtime import syscalls, user_ns
 
@@ -231,23 +231,23 @@ def public_copy():
         shutil.rmtree(tmp)
 
 
-def unprivileged_command() -> list[str]:
+@pytest.fixture
+def unprivileged_command():
+    """The command prefix that runs a command as an unprivileged user (made for the test
+    and removed after it when we are root)."""
     if os.geteuid() != 0:
-        return []  # already unprivileged
+        yield []  # already unprivileged
+        return
     if not shutil.which("useradd") or not shutil.which("runuser"):
         pytest.skip("needs useradd and runuser to create an unprivileged user")
-    try:
-        pwd.getpwnam(UNPRIVILEGED_USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", UNPRIVILEGED_USER],
-                       check=True, capture_output=True)
-    return ["runuser", "-u", UNPRIVILEGED_USER, "--"]
+    with system_user(UNPRIVILEGED_USER):
+        yield ["runuser", "-u", UNPRIVILEGED_USER, "--"]
 
 
-def test_doctor_runs_rootless_as_an_unprivileged_user(public_copy):
+def test_doctor_runs_rootless_as_an_unprivileged_user(public_copy, unprivileged_command):
     if not os.access(SYSTEM_PYTHON, os.X_OK):
         pytest.skip(f"{SYSTEM_PYTHON} is missing")
-    command = unprivileged_command() + [
+    command = unprivileged_command + [
         "env", f"PYTHONPATH={public_copy}", f"HOME={public_copy}",
         SYSTEM_PYTHON, "-B", "-m", "pytest_isolate", "doctor", "--json"]
     proc = subprocess.run(command, cwd=public_copy, capture_output=True, text=True, timeout=60)

@@ -8,10 +8,9 @@ the inner pytest's stderr as well, so its stderr is one ordered log of both side
 
 from __future__ import annotations
 
-import re
-import xml.etree.ElementTree as ET
-
 import pytest
+
+from conftest import read_junit, section
 
 LOGGING_CONFTEST = '''
 import os, socket
@@ -246,13 +245,6 @@ def test_controller_teardown_error_is_reported_on_the_isolated_test(pytester, ru
     ]
 
 
-def error_section(result: pytest.RunResult) -> list[str]:
-    lines = result.outlines
-    start = lines.index(next(line for line in lines if re.search(r"_ ERROR at teardown of test_i _", line)))
-    end = next(i for i in range(start + 1, len(lines)) if re.match(r"(=+|-+) ", lines[i]))
-    return lines[start:end]
-
-
 def test_controller_teardown_error_reads_as_in_a_plain_run(pytester, run) -> None:
     """The same teardown error without isolation: same ERROR section, same junit XML."""
     pytester.makeconftest(LOGGING_CONFTEST)
@@ -264,10 +256,10 @@ def test_controller_teardown_error_reads_as_in_a_plain_run(pytester, run) -> Non
     plain.assert_outcomes(passed=3, errors=1)
 
     def cases(name):
-        root = ET.parse(pytester.path / name).getroot()
-        return root.find("testsuite").get("tests"), [  # usage properties aside
-            (case.get("classname"), case.get("name"), [child.tag for child in case if child.tag != "properties"])
-            for case in root.iter("testcase")]
+        report = read_junit(pytester.path / name)
+        return report.suite["tests"], [(case.classname, case.name, case.tags)  # usage properties aside
+                                       for case in report.cases]
 
     assert cases("isolated.xml") == cases("plain.xml")
-    assert error_section(isolated) == error_section(plain)
+    error = "ERROR at teardown of test_i"
+    assert section(isolated, error) == section(plain, error)

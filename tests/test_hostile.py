@@ -191,11 +191,10 @@ def test_attacker():
 # -- 3. timeouts -------------------------------------------------------------------------
 
 HANG = """
-@pytest.mark.isolated(timeout=2)
+@pytest.mark.isolated(timeout=5)
 def test_attacker():
     forge_finished()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    while True:  # until the timeout ends it: the only clock
         if CHATTY:  # valid, harmless frames all along
             send("testsuite_property", {"name": "probe", "value": 1})
             send("warning", warning("builtins", "UserWarning"))
@@ -206,21 +205,20 @@ def test_attacker():
 @pytest.mark.parametrize("chatty", [False, True], ids=["silent", "chatty"])
 @pytest.mark.parametrize("mode", MODES)
 def test_forged_finished_does_not_stop_the_timeout(pytester, run, mode: str, chatty: bool) -> None:
-    """After a forged "finished" the test sleeps (or keeps writing frames) for 60 s:
-    it must still be killed at its 2 s timeout, well before the controller's watchdog."""
+    """After a forged "finished" the test sleeps (or keeps writing frames) for ever: its
+    host still kills it at its 5 s timeout, and says so (the controller's watchdog, 30 s
+    later, would report a lost link instead)."""
     inner(pytester, "test_hang", HANG, CHATTY=chatty)
-    started = time.monotonic()
-    result = run(f"--isolate-mode={mode}", "-rA", timeout=60 if chatty else 45)
-    elapsed = time.monotonic() - started
+    result = run(f"--isolate-mode={mode}", "-rA", timeout=180)
     text = assert_sane(result)
-    assert elapsed < 30, f"the run took {elapsed:.1f}s: the timeout was not enforced"
     result.stdout.fnmatch_lines(["FAILED test_hang.py::test_attacker - *"])
-    assert "Timeout" in text or TAMPERED in text, text[-6000:]
+    assert "lost the link" not in text, text[-6000:]
+    assert "Timeout: the test ran longer than timeout=5s" in text or TAMPERED in text, text[-6000:]
     assert text.count("PASSED test_hang.py::test_victim") == 1, text[-6000:]
 
 
 GROW = """
-@pytest.mark.isolated(timeout=2, mounts=[f"{SHARED}:/mnt/d:rw"])
+@pytest.mark.isolated(timeout=5, mounts=[f"{SHARED}:/mnt/d:rw"])
 def test_1_attacker():
     log = open("/mnt/d/grow.log", "a")
     log.write("start\\n")

@@ -28,16 +28,15 @@ import subprocess
 import sys
 import time
 import uuid
-import xml.etree.ElementTree as ET
 from functools import cache
 
 import pytest
 
-from conftest import IS_ROOT, find_processes, wait_for
+from conftest import IS_ROOT, find_processes, memory_hog, read_junit, reports_by_test, sections, wait_for
 from pytest_isolate.runtime import cgroups
 
 MiB = 1 << 20
-GRACE = 5.0
+GRACE = 60.0  # how long a leftover may take to go: a safety net, not a bound (one stays for ever)
 
 
 def _backend() -> tuple[int | None, str]:
@@ -142,48 +141,10 @@ def test_zz_record_groups():
 '''
 
 
-def sections(result: pytest.RunResult) -> dict[str, str]:
-    """Report sections by test name ("test_x"; "setup test_x" for setup errors).
-
-    pytest heads a passing test's report only when it has sections of its own (e.g.
-    captured output): the inner tests whose reports are read here print something."""
-    found: dict[str, list[str]] = {}
-    current = None
-    header = re.compile(r"^_{2,} (ERROR at (\w+) of )?(\S+?)(\[.*\])? _{2,}$")
-    end = re.compile(r"^(=+ |-+ (pytest-isolate|pytest-isolate: top consumers|generated xml file: .*) -+$)")
-    for line in result.outlines:
-        match = header.match(line)
-        if match:
-            current = (f"{match.group(2)} " if match.group(2) else "") + match.group(3).split("::")[-1]
-            found.setdefault(current, [])
-            continue
-        if end.match(line):
-            current = None
-            continue
-        if current is not None:
-            found[current].append(line)
-    return {name: "\n".join(lines) for name, lines in found.items()}
-
-
-def junit_properties(path) -> dict[str, dict[str, str]]:
-    cases = {}
-    for case in ET.parse(path).getroot().iter("testcase"):
-        cases[case.get("name")] = {p.get("name"): p.get("value") for p in case.iter("property")}
-    return cases
-
-
 def top_consumers(result: pytest.RunResult) -> list[str] | None:
     """The lines of the "pytest-isolate: top consumers" section, None without it."""
-    lines = result.outlines
-    for i, line in enumerate(lines):
-        if re.match(r"^-+ pytest-isolate: top consumers -+$", line):
-            body = []
-            for following in lines[i + 1:]:
-                if following.startswith(("=", "---")):
-                    break
-                body.append(following)
-            return body
-    return None
+    found = [lines[1:] for title, lines in sections(result) if title == "pytest-isolate: top consumers"]
+    return found[0] if found else None
 
 
 def strict_error(text: str) -> None:
@@ -210,12 +171,7 @@ MEMORY = HELPERS + """
 @pytest.mark.isolated(memory="64m")
 def test_1_under_the_limit():
     touch(16)
-
-@pytest.mark.isolated(memory="64m")
-def test_2_hog():
-    print("printed before the hog")
-    touch(200)
-
+""" + memory_hog("test_2_hog") + """
 @pytest.mark.isolated
 def test_3_isolated_after():
     touch(200)
@@ -233,8 +189,8 @@ def test_5_sigkill():
 def test_limit_memory_oom_kills_the_hog_only(pytester, run) -> None:
     pytester.makepyfile(test_memory=MEMORY)
     result = run("-rA", "--junitxml=out.xml")
-    by_test = sections(result)
-    props = junit_properties(pytester.path / "out.xml")
+    by_test = reports_by_test(result)
+    props = read_junit(pytester.path / "out.xml").properties()
     if not HAS_CGROUPS:  # strict (the default): the limited tests are refused, the others run
         result.assert_outcomes(passed=2, errors=3)
         for name in ("test_1_under_the_limit", "test_2_hog", "test_5_sigkill"):
@@ -272,12 +228,15 @@ PEAK_PER_TEST = HELPERS + """
 def test_1_big():
     touch(96)
     children = []
-    for _ in range(10):
+    hold, release = os.pipe()
+    for _ in range(10):  # ten children at once: each waits until all are there
         pid = os.fork()
         if pid == 0:
-            time.sleep(0.2)
+            os.close(release)
+            os.read(hold, 1)
             os._exit(0)
         children.append(pid)
+    os.close(release)
     for pid in children:
         os.waitpid(pid, 0)
 
@@ -294,10 +253,10 @@ def test_limit_peak_memory_is_the_tests_own(pytester, run) -> None:
     pytester.makepyfile(test_peak=PEAK_PER_TEST)
     result = run("-rA", "--junitxml=out.xml", LIMITS_MODE)
     result.assert_outcomes(passed=2)
-    props = junit_properties(pytester.path / "out.xml")
+    props = read_junit(pytester.path / "out.xml").properties()
     assert int(props["test_1_big"]["isolate_peak_memory_bytes"]) > 96 * MiB
     if V2_OLD_PEAK and "isolate_peak_memory_bytes" not in props["test_2_small"]:
-        assert "peak memory ?" in sections(result)["test_2_small"]  # said, not guessed
+        assert "peak memory ?" in reports_by_test(result)["test_2_small"]  # said, not guessed
     else:
         assert int(props["test_2_small"]["isolate_peak_memory_bytes"]) < 64 * MiB
 
@@ -308,7 +267,7 @@ def test_limit_peak_pids_is_the_tests_own(pytester, run) -> None:
     pytester.makepyfile(test_peak=PEAK_PER_TEST)
     result = run("--junitxml=out.xml", LIMITS_MODE)
     result.assert_outcomes(passed=2)
-    props = junit_properties(pytester.path / "out.xml")
+    props = read_junit(pytester.path / "out.xml").properties()
     if "isolate_peak_pids" not in props["test_1_big"]:
         pytest.skip(f"no pids.peak in this kernel ({os.uname().release})")
     assert int(props["test_1_big"]["isolate_peak_pids"]) >= 12  # init, the test and 10 children
@@ -327,11 +286,11 @@ def test_plain():
 """)
     result = run("-vv", "-rA", "--junitxml=out.xml")
     result.assert_outcomes(passed=2)
-    props = junit_properties(pytester.path / "out.xml")
+    props = read_junit(pytester.path / "out.xml").properties()
     assert int(props["test_unlimited"]["isolate_peak_memory_bytes"]) > 40 * MiB
     assert float(props["test_unlimited"]["isolate_cpu_seconds"]) > 0
     assert props["test_plain"] == {}
-    usage = sections(result)["test_unlimited"]
+    usage = reports_by_test(result)["test_unlimited"]
     assert re.search(r"peak memory [\d.]+ MiB, CPU time [\d.]+ s \(measured by rusage\)", usage), usage
     assert "limits enforced" not in usage
     assert top_consumers(result) is None  # no test had limits: no ranking by default
@@ -357,11 +316,11 @@ def test_limit_pids_refuses_the_fork_bomb(pytester, run) -> None:
     try:
         result = run("-rA", "--junitxml=out.xml", LIMITS_MODE)
         result.assert_outcomes(passed=1)
-        section = sections(result)["test_fork_bomb"]
+        section = reports_by_test(result)["test_fork_bomb"]
         if HAS_CGROUPS:
             refused = re.search(r"the pids limit refused (\d+) fork/clone calls", section)
             assert refused and int(refused.group(1)) >= 1, section
-            hits = junit_properties(pytester.path / "out.xml")["test_fork_bomb"]["isolate_pids_limit_hits"]
+            hits = read_junit(pytester.path / "out.xml").properties()["test_fork_bomb"]["isolate_pids_limit_hits"]
             assert int(hits) >= 1
             assert ENFORCED_BY in section
         else:
@@ -425,29 +384,34 @@ def test_v1_group_with_cpu_and_cpuacct_mounted_together(tmp_path) -> None:
 # -- cpus ------------------------------------------------------------------------------
 
 def test_limit_cpus_throttles_a_busy_loop(pytester, run) -> None:
+    """cpus=0.2: a loop that burns 0.3 s of CPU gets no more than 0.2 CPU over its wall
+    time (an upper bound that a busy machine only makes easier), so it runs at least
+    about 1.5 s, and the group's throttling is reported."""
     pytester.makepyfile(test_cpus=HELPERS + """
 @pytest.mark.isolated(cpus=0.2)
 def test_busy():
-    cpu, end = time.process_time(), time.monotonic() + 1
-    while time.monotonic() < end:
+    cpu, wall = time.process_time(), time.monotonic()
+    while time.process_time() - cpu < 0.3:
         pass
-    print("CPU time of the 1 s busy loop:", time.process_time() - cpu)
+    print("CPU time and wall time of the busy loop:", time.process_time() - cpu, time.monotonic() - wall)
 """)
     # The default mode: a fresh interpreter's own start-up would count as the test's CPU.
     result = run("-rA", "--junitxml=out.xml", "--isolate-usage=0", "--isolate-mode=fork")
     assert top_consumers(result) is None  # a limited test, but no ranking asked for
     if not HAS_CGROUPS:
         result.assert_outcomes(errors=1)
-        strict_error(sections(result)["setup test_busy"])
+        strict_error(reports_by_test(result)["setup test_busy"])
         return
     result.assert_outcomes(passed=1)
-    section = sections(result)["test_busy"]
-    inside = float(re.search(r"CPU time of the 1 s busy loop: ([\d.]+)", section).group(1))
-    assert inside <= 0.4, section  # 0.2 CPU for 1 s, and a period or so of slack
-    props = junit_properties(pytester.path / "out.xml")["test_busy"]
-    # The container's start-up counts too: a few ms here, more where Python is slow.
-    assert inside <= float(props["isolate_cpu_seconds"]) <= 0.4 * slowdown(), props
-    assert float(props["isolate_cpu_throttled_seconds"]) > 0.3, props
+    section = reports_by_test(result)["test_busy"]
+    cpu, wall = map(float, re.search(r"CPU time and wall time of the busy loop: ([\d.]+) ([\d.]+)", section).groups())
+    # 0.2 CPU over the loop's wall time, and a period's quota or so of slack (unlimited,
+    # the loop would take 0.3 s of wall time for its 0.3 s of CPU)
+    assert 0.3 <= cpu <= 0.2 * wall + 0.1, section
+    props = read_junit(pytester.path / "out.xml").properties()["test_busy"]
+    # The container's start-up counts too: a few ms of CPU here, more where Python is slow.
+    assert cpu <= float(props["isolate_cpu_seconds"]) <= cpu + 0.2 * slowdown(), props
+    assert float(props["isolate_cpu_throttled_seconds"]) > 0, props
     assert re.search(r"CPU throttled in \d+ periods, [\d.]+ s in all, by the cpus limit", section), section
 
 
@@ -481,7 +445,7 @@ def test_ulimits_from_marker_and_command_line_and_above_the_hard_limit(pytester,
     pytester.makepyfile(test_ulimits=ULIMITS)
     result = run("-rA", "--isolate-ulimit", "nofile=100:200")
     result.assert_outcomes(passed=2, errors=1)
-    error = sections(result)["setup test_above_the_hard_limit"]
+    error = reports_by_test(result)["setup test_above_the_hard_limit"]
     assert "ulimits" in error and "nofile" in error and str(hard) in error, error
     assert top_consumers(result) is None  # ulimits are no cgroup limits
 
@@ -529,12 +493,7 @@ def test_usage_top_consumers_summary(pytester, run) -> None:
 
 # -- strict and best-effort ------------------------------------------------------------
 
-MODES = HELPERS + """
-@pytest.mark.isolated(memory="64m")
-def test_hog():
-    print("printed before the hog")
-    touch(200)
-
+MODES = HELPERS + memory_hog() + """
 @pytest.mark.isolated(cpus=0.2)
 def test_cpus():
     print("limited to 0.2 CPUs")
@@ -552,7 +511,7 @@ def test_limit_strict_and_best_effort_enforce_with_cgroups(pytester, run) -> Non
     for mode in ("strict", "best-effort"):
         result = run("-rA", f"--isolate-limits={mode}")
         result.assert_outcomes(passed=2, failed=1)
-        by_test = sections(result)
+        by_test = reports_by_test(result)
         assert by_test["test_hog"].startswith("Killed by the OOM killer: memory limit 64 MiB reached")
         assert ENFORCED_BY in by_test["test_hog"] and ENFORCED_BY in by_test["test_cpus"]
         assert "best-effort" not in result.stdout.str()
@@ -563,7 +522,7 @@ def test_strict_and_best_effort_without_cgroups(pytester) -> None:
     pytester.makepyfile(test_modes=MODES)
     strict = run_without_cgroups(pytester, "-rA")
     strict.assert_outcomes(passed=1, errors=2)
-    by_test = sections(strict)
+    by_test = reports_by_test(strict)
     for name in ("test_hog", "test_cpus"):
         strict_error(by_test[f"setup {name}"])
         if not HAS_CGROUPS:  # the reason detect() gives here
@@ -572,7 +531,7 @@ def test_strict_and_best_effort_without_cgroups(pytester) -> None:
     best = run_without_cgroups(pytester, "-rA", "--isolate-limits=best-effort")
     counts = best.parseoutcomes()
     assert counts.get("passed") == 2 and counts.get("failed") == 1, counts
-    by_test = sections(best)
+    by_test = reports_by_test(best)
     hog = by_test["test_hog"]
     assert "MemoryError" in hog or "Crashed" in hog, hog  # RLIMIT_DATA stopped it
     assert "OOM" not in hog
@@ -588,7 +547,7 @@ def test_strict_error_reads_once_and_always_names_best_effort(pytester) -> None:
     pytester.makepyfile(test_modes=MODES)
     result = run_without_cgroups(pytester, "-rA", "-k", "hog")
     result.assert_outcomes(errors=1, deselected=2)
-    error = sections(result)["setup test_hog"]
+    error = reports_by_test(result)["setup test_hog"]
     assert error.startswith("pytest-isolate: cannot enforce the limits of this test: "), error
     assert "pytest-isolate: pytest-isolate" not in error
     assert "--isolate-limits=best-effort" in error
@@ -622,23 +581,18 @@ def test_limit_memory_layers_ini_cli_marker(pytester, run) -> None:
     pytester.makepyfile(test_layers=LAYERS)
     ini = run(LIMITS_MODE)
     ini.assert_outcomes(failed=2)
-    by_test = sections(ini)
+    by_test = reports_by_test(ini)
     assert (limit_of(by_test["test_marker"]), limit_of(by_test["test_inherited"])) == ("32 MiB", "64 MiB")
     cli = run(LIMITS_MODE, "--isolate-memory=128m")
     cli.assert_outcomes(failed=2)
-    by_test = sections(cli)
+    by_test = reports_by_test(cli)
     assert (limit_of(by_test["test_marker"]), limit_of(by_test["test_inherited"])) == ("32 MiB", "128 MiB")
 
 
 def test_limit_memory_in_fresh_mode(pytester, run) -> None:
-    pytester.makepyfile(test_fresh=HELPERS + """
-@pytest.mark.isolated(memory="64m")
-def test_hog():
-    print("printed before the hog")
-    touch(200)
-""")
+    pytester.makepyfile(test_fresh=memory_hog())
     result = run("--isolate-mode=fresh", "-rA")
-    by_test = sections(result)
+    by_test = reports_by_test(result)
     if not HAS_CGROUPS:
         result.assert_outcomes(errors=1)
         strict_error(by_test["setup test_hog"])
@@ -654,11 +608,7 @@ XDIST = HELPERS + """
 @pytest.mark.isolated(memory="64m")
 def test_small():
     touch(8)
-
-@pytest.mark.isolated(memory="64m")
-def test_hog():
-    touch(200)
-
+""" + memory_hog() + """
 @pytest.mark.isolated
 def test_unlimited():
     pass
@@ -672,7 +622,7 @@ def test_limit_memory_under_xdist(pytester, run) -> None:
     pytest.importorskip("xdist")
     pytester.makepyfile(test_xdist=XDIST)
     result = run("-n", "2", "-rA", "--junitxml=out.xml")
-    by_test = sections(result)
+    by_test = reports_by_test(result)
     if not HAS_CGROUPS:
         result.assert_outcomes(passed=2, errors=2)
         strict_error(by_test["setup test_hog"])
@@ -680,7 +630,7 @@ def test_limit_memory_under_xdist(pytester, run) -> None:
     result.assert_outcomes(passed=3, failed=1)
     assert by_test["test_hog"].splitlines()[1] == \
         "Killed by the OOM killer: memory limit 64 MiB reached (peak 64 MiB)."  # [0]: "[gwN] linux -- ..."
-    props = junit_properties(pytester.path / "out.xml")
+    props = read_junit(pytester.path / "out.xml").properties()
     assert props["test_hog"]["isolate_oom_kills"] == "1"
     assert 8 * MiB < int(props["test_small"]["isolate_peak_memory_bytes"]) < 64 * MiB
 
@@ -704,8 +654,10 @@ def test_limit_timeout_is_not_reported_as_oom(pytester, run) -> None:
     """A child OOM-killed earlier does not make the test's timeout an OOM kill."""
     if not HAS_CGROUPS:
         pytest.skip(f"no cgroups here: {NO_CGROUP_REASON}")
+    # The timeout leaves the child ample time to be OOM-killed (well under a second here);
+    # then the test hangs until the timeout ends it.
     pytester.makepyfile(test_child=HELPERS + """
-@pytest.mark.isolated(memory="64m", timeout=1.5)
+@pytest.mark.isolated(memory="64m", timeout=10)
 def test_child_oom_then_hang():
     pid = os.fork()
     if pid == 0:
@@ -714,15 +666,14 @@ def test_child_oom_then_hang():
     _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     print("the child was OOM-killed")
-    time.sleep(60)
+    time.sleep(3600)
 """)
     result = run("-rA", "--junitxml=out.xml")
     result.assert_outcomes(failed=1)
-    section = sections(result)["test_child_oom_then_hang"]
-    if "the child was OOM-killed" not in section:
-        pytest.skip("inconclusive: the timeout came before the child's OOM kill")
-    assert section.startswith("Timeout: the test ran longer than timeout=1.5s"), section
-    assert junit_properties(pytester.path / "out.xml")["test_child_oom_then_hang"]["isolate_oom_kills"] == "1"
+    section = reports_by_test(result)["test_child_oom_then_hang"]
+    assert section.startswith("Timeout: the test ran longer than timeout=10s"), section
+    assert "the child was OOM-killed" in section, section
+    assert read_junit(pytester.path / "out.xml").properties()["test_child_oom_then_hang"]["isolate_oom_kills"] == "1"
 
 
 @pytest.mark.parametrize("marker, why", [
@@ -745,11 +696,7 @@ def test_swap():
 
 # -- nothing leaks, everything is contained ---------------------------------------------
 
-LEAKS = """
-@pytest.mark.isolated(memory="64m")
-def test_hog():
-    touch(200)
-""" + RECORD_GROUPS
+LEAKS = memory_hog() + RECORD_GROUPS
 
 
 def test_limit_groups_are_removed_at_the_end(pytester, run) -> None:
@@ -778,7 +725,7 @@ MARK = {mark!r}
 @pytest.mark.isolated(memory="64m", pids=64)
 def test_sleeps_until_pytest_is_killed():
     spawn_until_refused(MARK, most=1)
-    time.sleep(60)
+    time.sleep(3600)
 """
 
 
@@ -846,28 +793,26 @@ def test_4_plain_after():
 
 
 def test_limit_hogs_are_contained(pytester, run) -> None:
-    timeout = round(1.5 * slowdown(), 1)
+    """Each hog is stopped by its limit or its timeout, and the run goes on: the timeout
+    is ample for the hogs to reach their call (the run's own timeout is a safety net only)."""
+    timeout = 5
     pytester.makepyfile(test_hogs=CONTAINMENT.format(timeout=timeout))
-    started = time.monotonic()
-    bound = 60 * slowdown()
-    result = run("-rA", "--junitxml=out.xml", LIMITS_MODE, timeout=bound + 30)
-    elapsed = time.monotonic() - started
-    assert elapsed < bound, elapsed
-    counts = result.parseoutcomes()
-    assert counts.get("passed") == 1 and counts.get("failed", 0) + counts.get("error", counts.get("errors", 0)) == 3
-    by_test = sections(result)
-    # A timeout ends each endless hog: during its call, or where start-up is slow, its setup.
+    result = run("-rA", "--junitxml=out.xml", LIMITS_MODE, timeout=600)
+    result.assert_outcomes(passed=1, failed=3)
+    by_test = reports_by_test(result)
+    # A timeout ends each endless hog during its call.
     for name in ("test_1_fork_bomb", "test_3_cpu_hog"):
-        section = by_test.get(name) or by_test[f"setup {name}"]
-        assert section.startswith(f"Timeout: the test ran longer than timeout={timeout:g}s"), section
-    cpu = junit_properties(pytester.path / "out.xml")["test_3_cpu_hog"]
+        assert by_test[name].startswith(f"Timeout: the test ran longer than timeout={timeout}s"), by_test[name]
+    cpu_hog = read_junit(pytester.path / "out.xml").by_name()["test_3_cpu_hog"]
+    cpu = cpu_hog.properties
     if HAS_CGROUPS:
         assert by_test["test_2_memory_hog"].startswith("Killed by the OOM killer: memory limit 32 MiB reached")
-        if "test_1_fork_bomb" in by_test:  # it got to fork
-            assert re.search(r"the pids limit refused \d+ fork/clone calls", by_test["test_1_fork_bomb"])
-        # 0.1 CPU for the timeout and the kill's grace, whatever the start-up took
-        assert float(cpu["isolate_cpu_seconds"]) < 0.1 * (timeout + 1) + 0.3, cpu
+        assert re.search(r"the pids limit refused \d+ fork/clone calls", by_test["test_1_fork_bomb"])
+        # 0.1 CPU for as long as the container lived (the report's duration: the timeout
+        # and the kill, however late a busy machine made it), and start-up's slack
+        lived = float(cpu_hog.element.get("time"))
+        assert lived >= timeout and float(cpu["isolate_cpu_seconds"]) < 0.1 * lived + 0.3, (lived, cpu)
         assert float(cpu["isolate_cpu_throttled_seconds"]) > 0, cpu
     else:
         assert "MemoryError" in by_test["test_2_memory_hog"] or "Crashed" in by_test["test_2_memory_hog"]
-        assert "cpus 0.1 NOT enforced" in (by_test.get("test_3_cpu_hog") or by_test["setup test_3_cpu_hog"])
+        assert "cpus 0.1 NOT enforced" in by_test["test_3_cpu_hog"]

@@ -4,10 +4,10 @@ from inside its container, and that outcomes equal those of a plain run."""
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
+from conftest import section
 from test_options import OBSERVE, observations
 
 STATE = OBSERVE + """
@@ -123,8 +123,7 @@ def test_param(n):
 
 def summary(result: pytest.RunResult) -> list[str]:
     """The ``-rA`` short summary lines, sorted."""
-    start = next(i for i, line in enumerate(result.outlines) if "short test summary info" in line)
-    return sorted(line for line in result.outlines[start + 1:-1] if not line.startswith("="))
+    return sorted(section(result, "short test summary info")[1:])
 
 
 def test_outcomes_in_fork_and_fresh_mode_equal_the_plain_run(pytester, run) -> None:
@@ -171,9 +170,9 @@ def test_crash():
     print("before the crash")
     os.kill(os.getpid(), signal.SIGSEGV)
 
-@pytest.mark.isolated(timeout=1)
+@pytest.mark.isolated(timeout=5)  # from the container's start: ample for a fresh one
 def test_timeout():
-    time.sleep(60)
+    time.sleep(3600)  # the timeout is the only clock
 
 @pytest.mark.isolated
 @pytest.mark.parametrize("n", range(4))
@@ -184,18 +183,15 @@ def test_pass(n):
 
 def test_xdist_reports_crash_and_timeout_and_completes(pytester, run) -> None:
     pytester.makepyfile(test_xf=XDIST_FAILURES)
-    started = time.monotonic()
     result = run("-n", "2", "-rf")
-    elapsed = time.monotonic() - started
     result.assert_outcomes(passed=4, failed=2)
     result.stdout.fnmatch_lines_random([
         "*Crashed: the test's process was killed by signal 11 (SIGSEGV) during call.*",
-        "*Timeout: the test ran longer than timeout=1s*",
+        "*Timeout: the test ran longer than timeout=5s*",
         "FAILED test_xf.py::test_crash*",
         "FAILED test_xf.py::test_timeout*",
     ])
     assert "before the crash" in result.stdout.str()
-    assert elapsed < 30, elapsed
 
 
 # -- unittest subtests ----------------------------------------------------------------------

@@ -6,6 +6,7 @@ output of passing tests comes back in the summary."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 
@@ -128,33 +129,39 @@ BOUNDARIES = OBSERVE + """
 import time
 import pytest
 
-@pytest.mark.isolated(hostname="a" * 31 + "." + "b" * 32, env={"ISO_N": 5})
+@pytest.mark.isolated(hostname="a" * 31 + "." + "b" * 32, env={"ISO_N": 5}, timeout=None)
 def test_longest_hostname_and_number_env():
     observe("long")
 
 @pytest.mark.isolated
 def test_cli_none_disables_the_ini_timeout():
-    time.sleep(3.5)
+    # Longer than the ini timeout; where that applies, until it ends the test.
+    time.sleep(float(os.environ["SLOW_TEST_SLEEPS"]))
     observe("slow")
 
 @pytest.mark.isolated(timeout=None)
 def test_marker_none_disables_it_too():
-    time.sleep(3.5)
+    time.sleep(6)  # longer than the ini timeout
 """
 
 
-def test_boundary_values_and_disabling_a_timeout(pytester, run) -> None:
-    pytester.makeini("[pytest]\nisolate_timeout = 2.5\n")  # a fresh interpreter starts within it, under load too
+def test_boundary_values_and_disabling_a_timeout(pytester, run, monkeypatch) -> None:
+    # 5 s from the container's start: ample for a fresh interpreter to reach the call
+    pytester.makeini("[pytest]\nisolate_timeout = 5\n")
     pytester.makepyfile(test_bounds=BOUNDARIES)
+    monkeypatch.setenv("SLOW_TEST_SLEEPS", "6")
     result = run("-rP", "--isolate-timeout=none")
     result.assert_outcomes(passed=3)
     seen = observations(result)
     assert seen["long"]["hostname"] == "a" * 31 + "." + "b" * 32
     assert seen["long"]["env"] == {"N": "5"}
-    # Without the command line, the ini timeout applies (the marker's None still wins).
+    assert "slow" in seen
+    # Without the command line, the ini timeout applies (the marker's None still wins):
+    # the slow test would sleep an hour, the timeout is the only clock that ends it.
+    monkeypatch.setenv("SLOW_TEST_SLEEPS", "3600")
     result = run("-rf")
     result.assert_outcomes(passed=2, failed=1)
-    result.stdout.fnmatch_lines(["Timeout: the test ran longer than timeout=2.5s*",
+    result.stdout.fnmatch_lines(["Timeout: the test ran longer than timeout=5s*",
                                  "FAILED test_bounds.py::test_cli_none_disables_the_ini_timeout*"])
 
 
@@ -166,13 +173,9 @@ import pytest
 def test_it():
     observe("h64")
 """)
-    result = run("-rP")
-    if result.ret == pytest.ExitCode.USAGE_ERROR:  # acceptable if the message stops promising 64
-        line = assert_clean_usage_error(result, "invalid 'hostname'")
-        assert "at most 64" not in line
-    else:
-        result.assert_outcomes(passed=1)
-        assert observations(result)["h64"]["hostname"] == "h" * 64
+    result = run("-rP")  # the usage error for 65 promises "at most 64": 64 is accepted
+    result.assert_outcomes(passed=1)
+    assert observations(result)["h64"]["hostname"] == "h" * 64
 
 
 # -- mounts ---------------------------------------------------------------------------
@@ -244,7 +247,10 @@ def test_mounts_from_marker_cli_and_ini_resolve_relative_sources(pytester, run, 
     assert not (tests / "data" / "new.txt").exists()
 
 
-def test_mount_below_a_read_only_image_directory_works_or_is_a_usage_error(pytester, run) -> None:
+def test_mount_on_a_new_path_in_a_read_only_image_directory_is_a_usage_error(pytester, run) -> None:
+    """The host image's /etc is a read-only bind: only a path that exists there can be a
+    mount point, and the run says so before any test runs."""
+    assert not os.path.lexists("/etc/pytest-isolate-conf")
     (pytester.path / "data").mkdir()
     (pytester.path / "data" / "f.txt").write_text("hi")
     pytester.makepyfile(test_etc="""
@@ -255,10 +261,9 @@ def test_mount_below_a_read_only_image_directory_works_or_is_a_usage_error(pytes
             assert open("/etc/pytest-isolate-conf/f.txt").read() == "hi"
     """)
     result = run()
-    if result.ret == pytest.ExitCode.USAGE_ERROR:
-        assert_clean_usage_error(result, "invalid 'mounts'")
-    else:
-        result.assert_outcomes(passed=1)
+    assert_clean_usage_error(result, "test_etc.py::test_it: invalid 'mounts'",
+                             "/etc/pytest-isolate-conf does not exist inside /etc, a read-only part of the image",
+                             "accepted: a destination that exists there, or one outside it")
 
 
 # -- usage errors ---------------------------------------------------------------------

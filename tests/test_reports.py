@@ -8,10 +8,10 @@ line by line with it (after the header, with addresses and durations blanked).
 from __future__ import annotations
 
 import re
-import time
-import xml.etree.ElementTree as ET
 
 import pytest
+
+from conftest import read_junit, section
 
 MODES = ["fork", "fresh"]
 
@@ -85,16 +85,6 @@ def normalized(result: pytest.RunResult) -> list[str]:
     return kept
 
 
-def section(result: pytest.RunResult, title: str) -> list[str]:
-    """The lines of the report section headed `___ title ___` (up to the next one)."""
-    lines = result.outlines
-    start = next(i for i, line in enumerate(lines) if re.fullmatch(rf"_+ {re.escape(title)} _+", line))
-    end = next((i for i in range(start + 1, len(lines))
-                if re.match(r"(_{3,} |={3,} |-+ (pytest-isolate|generated xml file: .*) -+$)", lines[i])),
-               len(lines))
-    return lines[start:end]
-
-
 def line_of(path, text: str, after: str = "") -> int:
     """The number of the first line of the file containing `text` (below `after`)."""
     lines = path.read_text().splitlines()
@@ -153,14 +143,12 @@ def junit_cases(path) -> list[tuple]:
     """(name, child tags, properties, failure/skip message) for each testcase; the
     usage properties every isolated test gets are checked, then left out."""
     cases = []
-    for case in ET.parse(path).getroot().iter("testcase"):
-        props = {p.get("name"): p.get("value") for p in case.iter("property")}
-        usage = {name for name in props if name.startswith("isolate_")}
+    for case in read_junit(path).cases:
+        usage = {name for name in case.properties if name.startswith("isolate_")}
         assert usage in (set(), USAGE_PROPERTIES), usage
-        props = {name: value for name, value in props.items() if name not in usage}
-        tags = sorted(child.tag for child in case if child.tag != "properties")
-        messages = [child.get("message") for child in case if child.tag in ("failure", "skipped", "error")]
-        cases.append((case.get("name"), tags, props, messages))
+        props = {name: value for name, value in case.properties.items() if name not in usage}
+        messages = [child.get("message") for child in case.outcomes]
+        cases.append((case.name, sorted(case.tags), props, messages))
     return cases
 
 
@@ -183,7 +171,7 @@ def test_junitxml_gets_properties_and_outcomes_as_in_a_plain_run(pytester, run) 
     isolated = run("--isolate", "--junitxml=isolated.xml")
     plain = run("-p", "no:isolate", "--junitxml=plain.xml")
     isolated.assert_outcomes(passed=1, failed=1, skipped=1, xfailed=1, errors=1)
-    usage = {p.get("name") for p in ET.parse(pytester.path / "isolated.xml").getroot().iter("property")}
+    usage = {name for case in read_junit(pytester.path / "isolated.xml").cases for name in case.properties}
     assert USAGE_PROPERTIES <= usage, "every isolated test reports its usage"
     cases = junit_cases(pytester.path / "isolated.xml")
     assert cases == junit_cases(pytester.path / "plain.xml")
@@ -193,9 +181,8 @@ def test_junitxml_gets_properties_and_outcomes_as_in_a_plain_run(pytester, run) 
     assert by_name["test_skip"] == (["skipped"], {}, ["not today"])
     assert by_name["test_xfail"][0] == ["skipped"]
     assert by_name["test_error"][0] == ["error"]
-    suite = ET.parse(pytester.path / "isolated.xml").getroot().find("testsuite")
-    assert (suite.get("tests"), suite.get("failures"), suite.get("errors"), suite.get("skipped")) == \
-        ("5", "1", "1", "2")
+    suite = read_junit(pytester.path / "isolated.xml").suite
+    assert (suite["tests"], suite["failures"], suite["errors"], suite["skipped"]) == ("5", "1", "1", "2")
 
 
 def test_junitxml_gets_testsuite_properties_of_isolated_tests(pytester, run) -> None:
@@ -203,9 +190,7 @@ def test_junitxml_gets_testsuite_properties_of_isolated_tests(pytester, run) -> 
     pytester.makepyfile("def test_suite_prop(record_testsuite_property):\n"
                         "    record_testsuite_property('build', '1234')")
     run("--isolate", "--junitxml=out.xml").assert_outcomes(passed=1)
-    suite = ET.parse(pytester.path / "out.xml").getroot().find("testsuite")
-    props = {p.get("name"): p.get("value") for p in suite.find("properties").iter("property")}
-    assert props == {"build": "1234"}
+    assert read_junit(pytester.path / "out.xml").suite_properties == {"build": "1234"}
 
 
 def test_junitxml_keeps_the_output_a_test_printed_before_it_crashed(pytester, run) -> None:
@@ -221,8 +206,7 @@ def test_junitxml_keeps_the_output_a_test_printed_before_it_crashed(pytester, ru
             assert 0
     """)
     run("--isolate", "--junitxml=out.xml", "-o", "junit_logging=all").assert_outcomes(failed=2)
-    outs = {case.get("name"): "".join(e.text or "" for e in case.iter("system-out"))
-            for case in ET.parse(pytester.path / "out.xml").getroot().iter("testcase")}
+    outs = {case.name: case.text("system-out") for case in read_junit(pytester.path / "out.xml").cases}
     assert "PRINTED-BEFORE-THE-FAILURE" in outs["test_fail"]
     assert "PRINTED-BEFORE-THE-CRASH" in outs["test_crash"]
 
@@ -345,11 +329,11 @@ def test_crashes_fail_only_their_test_with_reason_output_and_traceback(pytester,
         "FAILED test_crashes.py::test_segv - Failed: Crashed: *",
         "FAILED test_crashes.py::test_exit - Failed: Crashed: *",
     ], consecutive=False)
-    cases = {c.get("name"): c for c in ET.parse(pytester.path / "out.xml").getroot().iter("testcase")}
-    assert "signal 11 (SIGSEGV)" in cases["test_segv"].find("failure").get("message")
-    assert "status 3" in cases["test_exit"].find("failure").get("message")
-    assert cases["test_setup_crash"].find("error") is not None
-    assert [child.tag for child in cases["test_last"]] == ["properties"]  # usage only
+    cases = read_junit(pytester.path / "out.xml").by_name()
+    assert "signal 11 (SIGSEGV)" in cases["test_segv"].element.find("failure").get("message")
+    assert "status 3" in cases["test_exit"].element.find("failure").get("message")
+    assert "error" in cases["test_setup_crash"].tags
+    assert cases["test_last"].tags == [] and cases["test_last"].properties  # usage only
 
 
 def test_crash_report_is_the_reason_then_the_output(pytester, run) -> None:
@@ -367,30 +351,29 @@ def test_crash_report_is_the_reason_then_the_output(pytester, run) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_marker_timeout_kills_the_test_and_the_run_goes_on(pytester, run, mode) -> None:
-    """timeout=1 on a 30 s sleep: FAILED after ~1 s with the reason and the sleeping line."""
+    """timeout=5 on an hour's sleep: FAILED with the reason and the sleeping line (the
+    timeout is the only clock that ends it), and the next test runs. The timeout counts
+    from the container's start: 5 s leave a fresh interpreter ample time to start."""
     pytester.makepyfile(test_timeout='''
         import time
         import pytest
 
-        @pytest.mark.isolated(timeout=1)
+        @pytest.mark.isolated(timeout=5)
         def test_sleeps():
             print("SLEEP-MARK")
-            time.sleep(30)
+            time.sleep(3600)
 
-        @pytest.mark.isolated(timeout=1)
+        @pytest.mark.isolated(timeout=60)  # a safety net: it never fires
         def test_next(): pass
     ''')
-    started = time.perf_counter()
     result = run(f"--isolate-mode={mode}", "-rA")
-    elapsed = time.perf_counter() - started
     result.assert_outcomes(failed=1, passed=1)
-    assert elapsed < 15, elapsed
     report = section(result, "test_sleeps")
-    assert report[1] == ("Timeout: the test ran longer than timeout=1s (setup, call and teardown "
+    assert report[1] == ("Timeout: the test ran longer than timeout=5s (setup, call and teardown "
                          "together); its container was killed during call.")
     result.stdout.fnmatch_lines(["PASSED test_timeout.py::test_next"])
     path = pytester.path / "test_timeout.py"
-    assert f'  File "{path}", line {line_of(path, "time.sleep(30)")} in test_sleeps' in report
+    assert f'  File "{path}", line {line_of(path, "time.sleep(3600)")} in test_sleeps' in report
     assert tail(report, 2) == ["-- Captured stdout call", "SLEEP-MARK"]
 
 
@@ -404,41 +387,39 @@ def test_fresh_mode_timeout_keeps_traceback_and_output(pytester, run) -> None:
 
         time.sleep(0.6)  # a heavy import
 
-        @pytest.mark.isolated(timeout=2, mode="fresh")
+        @pytest.mark.isolated(timeout=5, mode="fresh")
         def test_sleeps():
             print("SLEEP-MARK")
-            time.sleep(30)
+            time.sleep(3600)
     ''')
     result = run()
     result.assert_outcomes(failed=1)
     report = section(result, "test_sleeps")
-    assert report[1].startswith("Timeout: the test ran longer than timeout=2s")
+    assert report[1].startswith("Timeout: the test ran longer than timeout=5s")
     assert any(re.search(r'test_slow_import\.py", line \d+ in test_sleeps$', line) for line in report)
     assert tail(report, 2) == ["-- Captured stdout call", "SLEEP-MARK"]
 
 
 def test_command_line_timeout_applies_to_setup_and_call(pytester, run) -> None:
-    """--isolate-timeout=1: a hanging fixture is ERROR at setup, a hanging test FAILED."""
+    """--isolate-timeout=5: a hanging fixture is ERROR at setup, a hanging test FAILED (each
+    hangs for an hour: the timeout is the only clock that ends them)."""
     pytester.makepyfile(test_cli_timeout='''
         import time
         import pytest
 
         @pytest.fixture
-        def hangs(): time.sleep(30)
+        def hangs(): time.sleep(3600)
 
         def test_setup_hangs(hangs): pass
-        def test_call_hangs(): time.sleep(30)
+        def test_call_hangs(): time.sleep(3600)
         def test_quick(): pass
     ''')
-    started = time.perf_counter()
-    result = run("--isolate", "--isolate-timeout=1")
-    elapsed = time.perf_counter() - started
+    result = run("--isolate", "--isolate-timeout=5")
     result.assert_outcomes(errors=1, failed=1, passed=1)
-    assert elapsed < 20, elapsed
     assert section(result, "ERROR at setup of test_setup_hangs")[1].endswith(
         "its container was killed during setup.")
     call = section(result, "test_call_hangs")
-    assert call[1].startswith("Timeout: the test ran longer than timeout=1s")
+    assert call[1].startswith("Timeout: the test ran longer than timeout=5s")
     assert any(re.search(r'test_cli_timeout\.py", line \d+ in test_call_hangs$', line) for line in call)
 
 
@@ -448,62 +429,75 @@ LOST_HOST = '''
 import os, signal, threading, time
 import pytest
 
-TICKS = os.sysconf("SC_CLK_TCK")
+from conftest import SETUP_OF_TEST_3_REPORTED
 
 def descendants():
-    """{pid: start time in ticks since boot} of every process below this pytest."""
-    parents, started = {}, {}
+    """{pid: (comm, state)} of every process below this pytest."""
+    parents, seen = {}, {}
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+                head, _, tail = f.read().rpartition(")")
+            fields = tail.split()
             parents.setdefault(int(fields[1]), []).append(int(entry))
-            started[int(entry)] = int(fields[19])
+            seen[int(entry)] = (head.split("(", 1)[1], fields[0])
         except (OSError, ValueError, IndexError):
             pass
     found, todo = {}, [os.getpid()]
     while todo:
         for kid in parents.get(todo.pop(), []):
-            found[kid] = started.get(kid, 0)
+            found[kid] = seen.get(kid, ("", ""))
             todo.append(kid)
     return found
 
 def kill_descendants():
-    for pid in descendants():
+    """SIGKILL every process below this pytest; returns once each is dead (a zombie or gone)."""
+    killed = list(descendants())
+    for pid in killed:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-def uptime_ticks():
-    with open("/proc/uptime") as f:
-        return float(f.read().split()[0]) * TICKS
-
-def kill_when_a_container_runs():
-    """Wait until a process that was not there at this call has lived for half a
-    second (test_3's: every other test is over in a blink), then kill them all."""
-    before = set(descendants())
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60  # a safety net only
     while time.monotonic() < deadline:
-        now = uptime_ticks()
-        if any(start < now - TICKS / 2 for pid, start in descendants().items() if pid not in before):
-            break
+        now = descendants()
+        if all(now.get(pid, ("", "Z"))[1] in ("Z", "X") for pid in killed):
+            return
         time.sleep(0.02)
+    raise AssertionError(f"not dead after SIGKILL: {now}")
+
+def kill_when_test_3_runs():
+    """Wait until this controller has test_3's setup report (test_3 is in its call, which
+    never ends by itself), then kill them all."""
+    SETUP_OF_TEST_3_REPORTED.wait(120)  # a safety net only
     kill_descendants()
 
 @pytest.mark.isolated
 def test_1_starts_the_host(): pass
 def test_2_arms(): %s
 @pytest.mark.isolated
-def test_3_loses_its_host(): time.sleep(5)
+def test_3_loses_its_host(): time.sleep(3600)  # until its host is killed
 @pytest.mark.isolated
 def test_4_gets_a_new_host(): pass
+'''
+
+# The controller reads each report of an isolated test as it comes: there, test_3's
+# setup report says that test_3 is in its call.
+LOST_HOST_CONFTEST = '''
+import threading
+
+SETUP_OF_TEST_3_REPORTED = threading.Event()
+
+def pytest_report_from_serializable(config, data):
+    if data.get("when") == "setup" and str(data.get("nodeid")).endswith("::test_3_loses_its_host"):
+        SETUP_OF_TEST_3_REPORTED.set()
 '''
 
 
 def test_host_killed_during_a_test_fails_that_test_and_a_new_host_runs_the_next(pytester, run) -> None:
     """The host dies while a test runs: that test FAILED ("lost the link"), the run goes on."""
-    arm = "threading.Thread(target=kill_when_a_container_runs).start()"
+    arm = "threading.Thread(target=kill_when_test_3_runs).start()"
+    pytester.makeconftest(LOST_HOST_CONFTEST)
     pytester.makepyfile(test_lost=LOST_HOST % arm)
     result = run("-rA")
     result.assert_outcomes(passed=3, failed=1)
@@ -515,7 +509,8 @@ def test_host_killed_during_a_test_fails_that_test_and_a_new_host_runs_the_next(
 def test_host_killed_between_tests_errors_the_next_isolated_test_only(pytester, run) -> None:
     """The host dies between two isolated tests: the next one is ERROR at setup ("lost
     the link"), not an INTERNALERROR, and a new host runs the one after."""
-    pytester.makepyfile(test_lost=LOST_HOST % "kill_descendants(); time.sleep(0.5)")
+    pytester.makeconftest(LOST_HOST_CONFTEST)
+    pytester.makepyfile(test_lost=LOST_HOST % "kill_descendants()")
     result = run("-rA")
     assert "INTERNALERROR" not in result.stdout.str()
     result.assert_outcomes(passed=3, errors=1)

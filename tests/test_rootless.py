@@ -1,4 +1,5 @@
-"""The rootless lane: the whole suite again, as an unprivileged user this test creates.
+"""The rootless lane: the whole suite again, as an unprivileged user (made for the run
+and removed after it, unless it was there already: see conftest.system_user).
 
 CI runs as root; containers then map root to an unprivileged uid range. Rootless
 containers (the user's own uid as container root) take other code paths, so the same
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IS_ROOT
+from conftest import IS_ROOT, system_user
 
 USER = "pytest-isolate-ci"
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -34,15 +35,6 @@ pytestmark = [
 ]
 
 
-def ensure_user() -> pwd.struct_passwd:
-    try:
-        return pwd.getpwnam(USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER],
-                       check=True)
-        return pwd.getpwnam(USER)
-
-
 def as_user(*command: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(cwd), "LANG": "C.UTF-8",
            "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
@@ -53,7 +45,11 @@ def as_user(*command: str, cwd: Path, timeout: float) -> subprocess.CompletedPro
 
 @pytest.fixture(scope="module")
 def rootless_project():
-    user = ensure_user()
+    with system_user(USER) as user:
+        yield from _copy_and_install(user)
+
+
+def _copy_and_install(user: pwd.struct_passwd):
     work = Path(tempfile.mkdtemp(prefix="pytest-isolate-rootless-"))
     try:
         os.chmod(work, 0o755)

@@ -23,10 +23,11 @@ import re
 import subprocess
 import sys
 import tarfile
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+
+from conftest import read_junit
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,16 +118,16 @@ class Run:
         """test id -> Counter of (outcome, type[, skip reason]) from the junit xml."""
         assert self.junit.exists(), f"no junit xml was written; output:\n{self.output[-3000:]}"
         result: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-        for case in ET.parse(self.junit).getroot().iter("testcase"):
-            key = f"{case.get('classname')}::{case.get('name')}"
+        for case in read_junit(self.junit).cases:
+            key = f"{case.classname}::{case.name}"
             marks = [(child.tag, child.get("type") or "", child.get("message") if child.tag == "skipped" else "")
-                     for child in case if child.tag in ("failure", "error", "skipped")]
+                     for child in case.outcomes]
             for mark in marks or [("passed", "", "")]:
                 result[key][mark] += 1
         return dict(result)
 
     def suite_counts(self) -> dict[str, str | None]:
-        suite = ET.parse(self.junit).getroot().find("testsuite")
+        suite = read_junit(self.junit).suite
         return {k: suite.get(k) for k in ("tests", "errors", "failures", "skipped")}
 
     def summary_counts(self) -> dict[str, int]:
