@@ -224,7 +224,9 @@ def test_unittest_subtests_outcomes_equal_the_plain_run(pytester, run, mode) -> 
     pytester.makepyfile(test_sub=SUBTESTS)
     plain = run("-rA")
     isolated = run("-rA", "--isolate", f"--isolate-mode={mode}")
-    assert plain.parseoutcomes()["failed"] == 2  # the two failing subtests
+    # pytest >= 9 reports each failing subtest (two); before, the test fails once
+    expected = 2 if int(pytest.__version__.split(".")[0]) >= 9 else 1
+    assert plain.parseoutcomes()["failed"] == expected
     assert isolated.parseoutcomes() == plain.parseoutcomes()
     assert summary(isolated) == summary(plain)
     assert "container host" in isolated.stdout.str()

@@ -130,7 +130,7 @@ def test_every_outcome_reads_as_in_a_plain_run(pytester, run, monkeypatch, mode)
         "*test_outcomes.py:*: ReportWarning: WARN-CUSTOM",
         "*test_outcomes.py:*: DeprecationWarning: WARN-DEPRECATED",
         "PASSED test_outcomes.py::test_where", "SKIPPED [[]1[]] test_outcomes.py:*: skipif true",
-        "XFAIL test_outcomes.py::test_runtime_xfail - runtime xfail",
+        "XFAIL test_outcomes.py::test_runtime_xfail - *runtime xfail",
         "XPASS test_outcomes.py::test_xpass - lenient",
         "FAILED test_outcomes.py::test_xpass_strict - [[]XPASS(strict)[]] strict one",
     ])

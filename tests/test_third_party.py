@@ -161,7 +161,7 @@ def assert_same_outcomes(plain: Run, isolated: Run) -> None:
 def assert_really_isolated(isolated: Run, mode: str, tests: int) -> None:
     assert "isolate: every test in a container" in isolated.output
     assert "- pytest-isolate -" in isolated.output, isolated.output[-3000:]
-    hosts = re.findall(rf"container host \({mode} mode, image host\): started in [\d.]+s, (\d+) tests collected",
+    hosts = re.findall(rf"container host \({mode} mode, image host\): started in [\d.]+s, (\d+) tests? collected",
                        isolated.output)
     assert hosts, isolated.output[-3000:]
     if mode == "fork":  # the host collected the selection, as the controller did
