@@ -48,6 +48,24 @@ def _test_frames(crashlog: str) -> str:
     return "\n".join(kept)
 
 
+def _hint(report: pytest.TestReport, settings: Settings) -> str | None:
+    """What to do about a failure that isolation caused, in one line."""
+    text = report.longreprtext
+    if "Read-only file system" in text or "[Errno 30]" in text:
+        return ("The host's directories are read-only in the container (/tmp, /dev/shm and the tmp_path "
+                "fixture are writable, and thrown away after the test): write to tmp_path, or mount a "
+                'writable directory: @pytest.mark.isolated(mounts=["SRC:DST:rw"]).')
+    writable = [m for m in settings.mounts if not m.readonly]
+    if writable and ("Permission denied" in text or "[Errno 13]" in text) and os.geteuid() == 0:
+        from .runtime import user_ns
+
+        uid = user_ns.host_uid_of_container_root()
+        return (f"Container root is host uid {uid} (run as root, the containers' root is unprivileged): a :rw "
+                f"mount source must be writable by that uid, e.g. chown {uid} SRC (or run pytest as a user: "
+                f"container root is then you). Writable mounts: {', '.join(m.src for m in writable)}.")
+    return None
+
+
 class Replay:
     def __init__(self, item: pytest.Item, settings: Settings, events_cap: int, capture_cap: int) -> None:
         self.item = item
@@ -253,6 +271,10 @@ class Replay:
         elapsed = self.done.get("duration")
         if elapsed is not None and report.duration > elapsed:  # a timing claim of the test
             report.duration = elapsed
+        if report.failed:
+            hint = _hint(report, self.settings)
+            if hint:
+                report.sections.append(("pytest-isolate hint", hint))
         self.item.ihook.pytest_runtest_logreport(report=report)
 
     def _report_tampering(self) -> pytest.TestReport:

@@ -3,6 +3,8 @@ that is not repeated to a user who followed it already."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from pytest_isolate.limits import Limiter
@@ -78,3 +80,39 @@ def test_best_effort_does_not_advise_best_effort(reason: str) -> None:
     assert plan.enforcement.startswith("best-effort, no cgroup (cgroup v")
     assert "--isolate-limits" not in plan.enforcement
     assert "RLIMIT_DATA" in plan.enforcement
+
+
+def test_a_write_to_the_read_only_host_says_where_to_write(pytester, run) -> None:
+    pytester.makepyfile(test_write="""
+        def test_writes_into_the_project(request):
+            open(str(request.config.rootpath / "out.txt"), "w")
+    """)
+    result = run("--isolate")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*Read-only file system*", "*- pytest-isolate hint -*",
+                                 "The host's directories are read-only in the container * write to tmp_path, or "
+                                 'mount a writable directory: @pytest.mark.isolated(mounts=[[]"SRC:DST:rw"[]]).'])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root only: rootless, container root is the user")
+def test_a_rw_mount_container_root_cannot_write_names_the_uid(pytester, run) -> None:
+    from pytest_isolate.runtime import user_ns
+
+    uid = user_ns.host_uid_of_container_root()
+    source = pytester.mkdir("outbox")
+    source.chmod(0o755)  # root's: not container root's
+    pytester.makepyfile(test_rw=f"""
+        import pytest
+
+        @pytest.mark.isolated(mounts=["{source}:/outbox:rw"])
+        def test_writes():
+            open("/outbox/result.txt", "w")
+    """)
+    result = run("--isolate")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "*PermissionError*", "*- pytest-isolate hint -*",
+        f"Container root is host uid {uid} *: a :rw mount source must be writable by that uid, e.g. chown {uid} SRC*",
+        f"  note: the :rw mount source {source} is not writable by container root (host uid {uid}): *",
+    ])
+    assert not (source / "result.txt").exists()

@@ -247,6 +247,23 @@ def _steps(entry: dict) -> _Steps:
                          f"known: {', '.join(TYPES)}") from None
 
 
+def _unwritable_sources(source_entries: list[dict], fds: dict[str, int], owner: tuple[int, int]) -> list[str]:
+    """Notes on :rw sources that container root cannot write to. As root, container
+    root is an unprivileged host uid, and writable sources are not idmapped (see
+    build_stage): the test would meet a bare PermissionError."""
+    notes = []
+    for entry in source_entries:
+        if entry["ro"] or os.geteuid() != 0:  # rootless, container root is the user
+            continue
+        st = os.fstat(fds[entry["dst"]])
+        if not (st.st_mode & 0o002 or (st.st_uid == owner[0] and st.st_mode & 0o200)
+                or (st.st_gid == owner[1] and st.st_mode & 0o020)):
+            notes.append(f"the :rw mount source {entry['src']} is not writable by container root (host uid "
+                         f"{owner[0]}): make it so (e.g. chown {owner[0]} {entry['src']}), or run pytest as a "
+                         "user (container root is then that user)")
+    return notes
+
+
 def build_stage(
     entries: list[dict], sources: list[dict], owner: tuple[int, int], userns_fd: int | None = None
 ) -> list[str]:
@@ -291,6 +308,7 @@ def build_stage(
                         raise
                     stage.notes.append(f"the mount source {entry['src']} is not mounted: {exc.strerror}")
         source_entries = [entry for entry in source_entries if entry["dst"] in stage.fds]
+        stage.notes += _unwritable_sources(source_entries, stage.fds, owner)
         _tmpfs(STAGE_ATTACH, "755")
         os.lchown(STAGE_ATTACH, *owner)
         skeleton = dataclasses.replace(stage, root=_join(STAGE_ATTACH, LOWER))
