@@ -91,7 +91,6 @@ class Limiter:
         # container host -> its group (the host object itself is the key: a new host
         # that replaced a lost one must never inherit a group its zygote is not in)
         self._groups: dict[object, object] = {}
-        self.used = False  # whether any test asked for limits
 
     def backend(self) -> cgroups.Backend | None:
         if self._backend is None and self._backend_error is None:
@@ -106,7 +105,6 @@ class Limiter:
         rlimits = tuple(settings.ulimits)
         if not settings.has_cgroup_limits():
             return Plan(rlimits=rlimits)
-        self.used = True
         limits = cgroups.Limits(settings.memory, settings.memory_swap, settings.cpus, settings.pids)
         backend = self.backend()
         if backend is not None:

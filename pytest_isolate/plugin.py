@@ -25,7 +25,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                   help="run every test in a fresh container (like --isolate)")
     group.addoption("--isolate-usage", type=int, default=None, metavar="N",
                     help="list the N isolated tests that used the most memory and CPU "
-                    "(default: 5 when some test had limits, else none; 0: none)")
+                    "(default: 5 with -v or when a test hit a limit, else none; 0: none)")
     for option in opts.OPTIONS:
         group.addoption(option.flag, dest=f"isolate_{option.name}", metavar=option.metavar,
                         action="append" if option.multiple else "store", default=None,
@@ -174,7 +174,6 @@ class IsolatePlugin:
         worker = getattr(getattr(node, "gateway", None), "id", "?")
         self.worker_lines += [f"[{worker}] {line}" for line in output.get("isolate_summary", [])]
         self.controller.usages += [tuple(usage) for usage in output.get("isolate_usages", [])]
-        self.controller.limiter.used |= bool(output.get("isolate_limits_used"))
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         lines = self.controller.summary_lines() + self.worker_lines
@@ -183,8 +182,8 @@ class IsolatePlugin:
             for line in lines:
                 terminalreporter.write_line(line)
         count = self.config.getoption("isolate_usage")
-        if count is None:
-            count = 5 if self.controller.limiter.used else 0
+        if count is None:  # by default only when it tells something
+            count = 5 if self.controller.limit_hit() or self.config.get_verbosity() >= 1 else 0
         top = self.controller.top_consumers(count)
         if top:
             terminalreporter.write_sep("-", "pytest-isolate: top consumers")
@@ -197,7 +196,6 @@ class IsolatePlugin:
         if workeroutput is not None:  # an xdist worker: hand the summary to the controller
             workeroutput["isolate_summary"] = self.controller.summary_lines()
             workeroutput["isolate_usages"] = [list(usage) for usage in self.controller.usages]
-            workeroutput["isolate_limits_used"] = self.controller.limiter.used
 
 
 def _did_you_mean(name: str, known) -> str:

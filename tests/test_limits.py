@@ -213,6 +213,11 @@ def test_limit_memory_oom_kills_the_hog_only(pytester, run) -> None:
     # The host and the run survived: the next tests, without limits, allocate 200 MiB.
     assert int(props["test_3_isolated_after"]["isolate_peak_memory_bytes"]) > 200 * MiB
     assert "isolate_oom_kills" not in props["test_3_isolated_after"]
+    # A limit was hit: the top consumers are shown without -v, the hog first among
+    # the tests its cgroup measured.
+    lines = top_consumers(result)
+    assert lines is not None and lines[0].startswith("measured by cgroup v"), result.stdout.str()
+    assert lines[1].endswith("test_memory.py::test_2_hog") and "peak memory" in lines[1], lines
     assert props["test_4_plain_after"] == {}  # plain tests get no usage
     # A SIGKILL that is not the OOM killer's is reported as a crash.
     killed = by_test["test_5_sigkill"]
@@ -473,21 +478,31 @@ def test_small_3():
 
 def test_usage_top_consumers_summary(pytester, run) -> None:
     pytester.makepyfile(test_top=TOP)
-    default = run(LIMITS_MODE)
-    default.assert_outcomes(passed=4)
-    lines = top_consumers(default)
-    assert lines is not None, default.stdout.str()
-    memory = [line for line in lines if "peak memory" in line]
-    cpu = [line for line in lines if "s CPU time" in line]
-    assert len(memory) == len(cpu) == 4 and len(lines) == 8, lines  # 4 tests, at most 5 each
-    assert memory[0].endswith("test_top.py::test_big"), memory
+    quiet = run(LIMITS_MODE)
+    quiet.assert_outcomes(passed=4)
+    assert top_consumers(quiet) is None  # no limit was hit: nothing to tell
+
+    verbose = run(LIMITS_MODE, "-v")
+    verbose.assert_outcomes(passed=4)
+    lines = top_consumers(verbose)
+    assert lines is not None, verbose.stdout.str()
+    # like with like: the limited test among the limited ones, the rest by getrusage
+    limited = "measured by getrusage" if not HAS_CGROUPS else "measured by cgroup v"
+    assert lines[0].startswith(limited), lines
+    rusage = lines.index("measured by getrusage (tests without limits; shared pages count):")
+    if HAS_CGROUPS:
+        assert rusage == 3, lines
+        assert lines[1].endswith("test_top.py::test_big") and "peak memory" in lines[1]
+        assert lines[2].endswith("test_top.py::test_big") and "s CPU time" in lines[2]
+    unlimited = lines[rusage + 1:]
+    assert len(unlimited) == (6 if HAS_CGROUPS else 8), lines  # 3 (or 4) tests, memory and CPU each
 
     two = run(LIMITS_MODE, "--isolate-usage=2")
     two.assert_outcomes(passed=4)
     lines = top_consumers(two)
-    assert lines is not None and len(lines) == 4, lines
-    assert lines[0].endswith("test_top.py::test_big") and "peak memory" in lines[0]
-    assert "peak memory" in lines[1] and all("s CPU time" in line for line in lines[2:])
+    assert lines is not None, two.stdout.str()
+    rusage = lines.index("measured by getrusage (tests without limits; shared pages count):")
+    assert len(lines[rusage + 1:]) == 4, lines  # at most 2 each
     # --isolate-usage=0: see test_limit_cpus_throttles_a_busy_loop
 
 
@@ -639,13 +654,14 @@ def test_usage_top_consumers_under_xdist(pytester, run) -> None:
     """The workers' usage reaches the controller's summary."""
     pytest.importorskip("xdist")
     pytester.makepyfile(test_xdist=TOP)
-    result = run("-n", "2", LIMITS_MODE)
+    result = run("-n", "2", LIMITS_MODE, "--isolate-usage=5")
     result.assert_outcomes(passed=4)
     lines = top_consumers(result)
     assert lines is not None, result.stdout.str()
-    assert len(lines) == 8 and lines[0].endswith("test_xdist.py::test_big"), lines
-    assert {line.split()[-1] for line in lines} == {f"test_xdist.py::test_{n}"
-                                                    for n in ("big", "small_1", "small_2", "small_3")}
+    ranked = [line for line in lines if not line.startswith("measured by ")]
+    assert len(ranked) == 8, lines  # 4 tests, memory and CPU each
+    assert {line.split()[-1] for line in ranked} == {f"test_xdist.py::test_{n}"
+                                                     for n in ("big", "small_1", "small_2", "small_3")}
 
 
 # -- bugs in what a run reports --------------------------------------------------------
