@@ -11,6 +11,7 @@ import ctypes
 import errno
 import json
 import os
+import re
 import stat
 import struct
 import sys
@@ -341,11 +342,29 @@ def check_python() -> Result:
                   f"/usr/local, /opt) or chmod o+x {blocked.split(' (')[0]}", details)
 
 
+# Installed distributions that get in this plugin's way (normalised names).
+CONFLICTS = {"pytest-isolated": "defines its own @pytest.mark.isolated",
+             "pytest-isolate": "ships another package named pytest_isolate"}
+
+
+def check_plugins(distributions=None) -> Result:
+    from importlib import metadata
+
+    names = {re.sub(r"[-_.]+", "-", (d.metadata["Name"] or "")).lower()
+             for d in (metadata.distributions() if distributions is None else distributions)}
+    found = sorted(names & CONFLICTS.keys())
+    if not found:
+        return Result("plugins", OK, "no other plugin claims @pytest.mark.isolated or pytest_isolate")
+    return Result("plugins", WARN, "; ".join(f"{name} is installed: it {CONFLICTS[name]}" for name in found),
+                  "tests marked isolated may be run by the other plugin, or not isolated at all",
+                  f"pip uninstall {' '.join(found)}", {"conflicting": found})
+
+
 # -- running and reporting ------------------------------------------------------------
 
 CHECKS = (check_user_namespaces, check_overlay, check_cgroups, check_seccomp,
-          check_landlock, check_python)
-NAMES = ("user namespaces", "overlayfs", "cgroups", "seccomp", "landlock", "python")
+          check_landlock, check_python, check_plugins)
+NAMES = ("user namespaces", "overlayfs", "cgroups", "seccomp", "landlock", "python", "plugins")
 
 
 def run_checks() -> list[Result]:

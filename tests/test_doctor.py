@@ -264,3 +264,16 @@ def test_doctor_runs_rootless_as_an_unprivileged_user(public_copy, unprivileged_
     if v1_controllers() & WANTED:  # v1: nothing can be delegated to an unprivileged user
         assert checks["cgroups"]["status"] == "warn"
         assert "no safe delegation" in checks["cgroups"]["finding"]
+
+
+def test_another_plugin_claiming_the_marker_is_a_warning():
+    class Dist:
+        def __init__(self, name):
+            self.metadata = {"Name": name}
+
+    assert doctor.check_plugins([Dist("pytest"), Dist("pytest-isolate-container")]).status == doctor.OK
+    found = doctor.check_plugins([Dist("pytest_isolated"), Dist("Pytest-Isolate")])
+    assert found.status == doctor.WARN
+    assert found.finding == ("pytest-isolate is installed: it ships another package named pytest_isolate; "
+                             "pytest-isolated is installed: it defines its own @pytest.mark.isolated")
+    assert found.fix == "pip uninstall pytest-isolate pytest-isolated"
