@@ -409,6 +409,7 @@ class Controller:
         ]
         lines += [f"  note: {note}" for host in self.hosts.values() for note in host.notes]
         lines += [f"container host ({m}, {i}) failed: {why}" for (m, i), why in self.failed_hosts.items()]
+        lines += self.limiter.summary()
         return lines
 
     def shutdown(self) -> None:

@@ -91,6 +91,7 @@ class Limiter:
         # container host -> its group (the host object itself is the key: a new host
         # that replaced a lost one must never inherit a group its zygote is not in)
         self._groups: dict[object, object] = {}
+        self.refused = 0  # limited tests refused (strict, no cgroups)
 
     def backend(self) -> cgroups.Backend | None:
         if self._backend is None and self._backend_error is None:
@@ -122,6 +123,7 @@ class Limiter:
             return Plan(group=group, rlimits=rlimits, limits=limits, before=group.read(),
                         enforcement=f"cgroup v{backend.version}")
         if settings.limits == "strict":
+            self.refused += 1
             hint = "" if "best-effort" in self._backend_error else \
                 " (--isolate-limits=best-effort runs it with rlimits instead)"
             return Plan(error=f"cannot enforce the limits of this test: {self._backend_error}{hint}")
@@ -147,6 +149,13 @@ class Limiter:
                         self._backend_error or "").rstrip(" ,.")
         return Plan(rlimits=rlimits + tuple(extra),
                     enforcement=f"best-effort, no cgroup ({reason}): " + "; ".join(said))
+
+    def summary(self) -> list[str]:
+        """One line for the run when limited tests were refused (each test says why, too)."""
+        if not self.refused:
+            return []
+        tests = f"{self.refused} test{'' if self.refused == 1 else 's'}"
+        return [f"limits: {tests} refused, their limits cannot be enforced here: {self._backend_error}"]
 
     def usage(self, plan: Plan, done: dict) -> Usage:
         rusage = done.get("rusage") or {}

@@ -197,6 +197,9 @@ def test_limit_memory_oom_kills_the_hog_only(pytester, run) -> None:
             strict_error(by_test[f"setup {name}"])
             assert NO_CGROUP_REASON in by_test[f"setup {name}"]
         assert props["test_3_isolated_after"]["isolate_peak_memory_bytes"]
+        # ... and the run says it once, in its summary
+        assert f"limits: 3 tests refused, their limits cannot be enforced here: {NO_CGROUP_REASON}" in \
+            result.stdout.str()
         return
     result.assert_outcomes(passed=3, failed=2)
     hog = by_test["test_2_hog"].splitlines()
