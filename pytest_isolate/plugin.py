@@ -22,7 +22,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="run every test in a fresh container, as if marked "
                     "@pytest.mark.isolated")
     parser.addini("isolate", type="bool", default=False,
-                  help="run every test in a fresh container (like --isolate)")
+                  help="run every test in a fresh container, as if marked @pytest.mark.isolated "
+                  "(like --isolate)")
     group.addoption("--isolate-usage", type=int, default=None, metavar="N",
                     help="list the N isolated tests that used the most memory and CPU "
                     "(default: 5 with -v or when a test hit a limit, else none; 0: none)")
@@ -38,7 +39,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         f"{MARKER}(**options): run this test in a fresh container. Options: "
-        + ", ".join(o.name for o in opts.OPTIONS) + " (see `pytest --help`, group isolate).",
+        + ", ".join(o.name for o in opts.OPTIONS) + "; each is also a flag --isolate-OPTION ('_' as '-'; "
+        + ", ".join(f"{o.name}: {o.flag}" for o in opts.OPTIONS if o.flag != "--isolate-" + o.name.replace("_", "-"))
+        + "), listed in `pytest --help` under \"run tests in containers (pytest-isolate)\", "
+        "and an ini key isolate_OPTION.",
     )
     workerinput = getattr(config, "workerinput", {})
     if workerinput.get("isolate_host"):
