@@ -68,8 +68,12 @@ class IsolatePlugin:
             return bool(self.config.getini("isolate"))
         except (ValueError, pytest.UsageError) as exc:  # pytest 9 raises UsageError itself
             raise pytest.UsageError(
-                f"ini key isolate in {self.config.inipath}: {exc}; accepted: true or false"
+                f"ini key isolate {self._ini_source()}: {exc}; accepted: true or false"
             ) from None
+
+    def _ini_source(self) -> str:
+        inipath = self.config.inipath
+        return f"in {inipath}" if inipath else "(given with -o: there is no ini file)"
 
     def _parse(self, option: opts.Option, value: Any, base: str, where: str) -> Any:
         try:
@@ -84,7 +88,7 @@ class IsolatePlugin:
         for option in opts.OPTIONS:
             value = self.config.getini(option.ini)
             if value not in (None, [], ""):
-                layer[option.name] = self._parse(option, value, base, f"ini key {option.ini} in {inipath}")
+                layer[option.name] = self._parse(option, value, base, f"ini key {option.ini} {self._ini_source()}")
         return layer
 
     def _cli_layer(self) -> dict[str, Any]:

@@ -56,8 +56,8 @@ run_pass() {   # NAME ENV-ASSIGNMENT... -- PYTEST-ARGS...
 }
 pytest_rc=0
 run_pass "default mode" -- "$@" || pytest_rc=$?
-strict_rc=0
-run_pass "fresh mode" PYTEST_ISOLATE_SUITE_MODE=fresh PYTEST_ISOLATE_NO_ROOTLESS_LANE=1 -- "$@" || strict_rc=$?
+fresh_rc=0
+run_pass "fresh mode" PYTEST_ISOLATE_SUITE_MODE=fresh PYTEST_ISOLATE_NO_ROOTLESS_LANE=1 -- "$@" || fresh_rc=$?
 
 docs_rc=0
 docs_state="skipped (no mkdocs.yml)"
@@ -72,7 +72,7 @@ fi
 
 section "summary"
 echo "docs:   $docs_state"
-for pass_rc in "default mode:$pytest_rc" "fresh mode:$strict_rc"; do
+for pass_rc in "default mode:$pytest_rc" "fresh mode:$fresh_rc"; do
     if [ "${pass_rc##*:}" -eq 0 ]; then
         echo "pytest, ${pass_rc%%:*}: ok"
     else
@@ -85,7 +85,7 @@ sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -E '^=+ .* in [0-9.]+s( \([0-9:]+\))? =+
 if [ "$pytest_rc" -ne 0 ]; then
     exit "$pytest_rc"
 fi
-if [ "$strict_rc" -ne 0 ]; then
-    exit "$strict_rc"
+if [ "$fresh_rc" -ne 0 ]; then
+    exit "$fresh_rc"
 fi
 exit "$docs_rc"

@@ -24,7 +24,7 @@ from conftest import IS_ROOT, system_user
 USER = "pytest-isolate-ci"
 SYSTEM_PYTHON = "/usr/bin/python3"
 PROJECT = Path(__file__).resolve().parent.parent
-COPIED = ("pytest_isolate", "tests", "pyproject.toml", "README.md")
+COPIED = ("pytest_isolate", "tests", "docs", "pyproject.toml", "README.md")
 
 pytestmark = [
     pytest.mark.rootless_lane,
