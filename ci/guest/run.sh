@@ -196,9 +196,6 @@ fi
 
 # -- the job ------------------------------------------------------------------------
 cwd=$(pwd -P)
-case $cwd/ in
-    /tmp/*|/run/*) die "the working directory $cwd is hidden in the guest (tmpfs on /tmp and /run): run from elsewhere" ;;
-esac
 ctl=$(mktemp -d "${TMPDIR:-/tmp}/pytest-isolate-guest.XXXXXX")
 qpid=""
 cleanup() {
@@ -256,6 +253,15 @@ for i in "${!shares[@]}"; do
     share_paths+=("$d")
     virtfs+=(-virtfs "local,path=$d,mount_tag=share$i,security_model=passthrough,multidevs=remap")
 done
+# The guest mounts tmpfs on /tmp and /run: a working directory there must lie in a share.
+case $cwd/ in
+    /tmp/*|/run/*)
+        shared=no
+        for d in ${share_paths[@]+"${share_paths[@]}"}; do
+            case $cwd/ in "$d"/*) shared=yes ;; esac
+        done
+        [ $shared = yes ] || die "the working directory $cwd is hidden in the guest (tmpfs on /tmp and /run): run from elsewhere, or --share it" ;;
+esac
 
 {
     printf 'JOB_ARGV=('; printf '%q ' "$@"; printf ')\n'
