@@ -105,9 +105,9 @@ def install() -> None:
     def _db_for_path(path=None):
         if path is not_set:
             examples = _default_examples()
-            if examples is not None and not _usable(examples):
-                # What Hypothesis would warn about ("unusable"): read it, and record
-                # the writes for the controller.
+            if examples is not None:
+                # The controller's directory, never "unusable" (Hypothesis's warning):
+                # it is read here, and what cannot be written here is recorded.
                 return directory_class(examples)
         return original_db_for_path(path)
 
@@ -141,7 +141,10 @@ def _default_examples() -> str | None:
 
 
 def _usable(path: str) -> bool:
-    """Can this process write there (Hypothesis's own test, cached per directory)?"""
+    """Does a write there last (cached per directory)? Not where Hypothesis itself
+    could not write (the read-only project), nor on the container's root, an overlay
+    that is gone with it (a directory outside the image); a ``:rw`` mount or a tmpfs
+    the test made (``tmp_path``) is written as usual."""
     known = _container["usable"].get(path)
     if known is None:
         try:
@@ -150,6 +153,14 @@ def _usable(path: str) -> bool:
             known = bool(_usable_dir(path))
         except Exception:  # pragma: no cover
             known = os.access(path, os.W_OK)
+        if known:
+            existing = path
+            while not os.path.exists(existing) and existing != os.path.dirname(existing):
+                existing = os.path.dirname(existing)
+            try:
+                known = os.stat(existing).st_dev != os.stat("/").st_dev
+            except OSError:
+                known = False
         _container["usable"][path] = known
     return known
 
