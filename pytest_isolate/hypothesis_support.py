@@ -116,10 +116,10 @@ def install() -> None:
     def recording(op: str):
         original = originals[op]
 
-        def write(self, *args):
-            if _record(self, op, args):
+        def write(self, *args, **kwargs):
+            if _record(self, op, args, kwargs):
                 return None
-            return original(self, *args)
+            return original(self, *args, **kwargs)
 
         write.__name__ = write.__qualname__ = op
         write.__doc__ = original.__doc__
@@ -165,18 +165,22 @@ def _usable(path: str) -> bool:
     return known
 
 
-def _record(db, op: str, args: tuple) -> bool:
+_PARAMETERS = {"save": ("key", "value"), "delete": ("key", "value"), "move": ("src", "dest", "value")}
+
+
+def _record(db, op: str, args: tuple, kwargs: dict) -> bool:
     """Send one write of ``db`` as an event, if it could not be made here; True if so."""
     send = _container["send"]
     if send is None:
         return False
+    names = _PARAMETERS[op]
+    values = dict(zip(names, args), **kwargs)
+    if len(args) > len(names) or set(values) != set(names):
+        return False  # not a call Hypothesis's own method takes: let it say so
     path = os.path.abspath(db.path)
     if _usable(path):
         return False
-    if op == "move":
-        key, dest, value = args
-    else:
-        (key, value), dest = args, None
+    key, value, dest = values.get("key", values.get("src")), values["value"], values.get("dest")
     if key == getattr(db, "_metakeys_name", None):  # Hypothesis's own index: the controller's save keeps it
         return True
     try:
