@@ -111,7 +111,7 @@ class ContainerHost:
         config = self.controller.config
         workerinput = dict(self.controller.workerinput)
         examples = hypothesis_support.examples_directory()  # the container reads it, read-only
-        if examples:
+        if examples is not None:
             workerinput[hypothesis_support.WORKERINPUT_KEY] = examples
         self._send("start", entries=self.entries, args=self.args, option_dict=_plain_options(config.option),
                    workerinput=workerinput, sys_path=list(sys.path), argv=list(sys.argv),

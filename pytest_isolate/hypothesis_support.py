@@ -48,13 +48,17 @@ MAX_PATH = 4096
 
 def examples_directory() -> str | None:
     """The absolute directory of the controller's default database, if this session
-    uses Hypothesis (else None: nothing is imported for it)."""
+    uses Hypothesis (else None: nothing is imported for it); "" if the controller
+    cannot write it either (Hypothesis then warns and keeps examples in memory, in
+    the container as in a plain run)."""
     if "hypothesis" not in sys.modules:
         return None
     try:
         from hypothesis.configuration import storage_directory
+        from hypothesis.database import _usable_dir
 
-        return os.path.abspath(storage_directory("examples", intent_to_write=False).path)
+        path = os.path.abspath(storage_directory("examples", intent_to_write=False).path)
+        return path if _usable_dir(path) else ""
     except Exception:  # pragma: no cover - a Hypothesis without storage_directory
         return None
 
@@ -76,7 +80,8 @@ class ContainerHypothesis:
 
 def setup_container(config: pytest.Config, workerinput: dict) -> None:
     examples = workerinput.get(WORKERINPUT_KEY)
-    _container["examples"] = examples if isinstance(examples, str) and os.path.isabs(examples) else None
+    _container["examples"] = examples if isinstance(examples, str) and (examples == "" or os.path.isabs(examples)) \
+        else None
     config.pluginmanager.register(ContainerHypothesis(), "isolate-hypothesis")
 
 
@@ -130,8 +135,8 @@ def install() -> None:
 
 
 def _default_examples() -> str | None:
-    if _container["examples"]:
-        return _container["examples"]
+    if _container["examples"] is not None:
+        return _container["examples"] or None  # "": unusable in the controller too
     try:
         from hypothesis.configuration import storage_directory
 

@@ -273,3 +273,15 @@ def test_database_writes_are_checked() -> None:
             write(**bad)
     with pytest.raises(boundary.Tampering):
         hs.check_write("not a mapping")
+
+
+def test_a_database_the_controller_cannot_write_warns_as_in_a_plain_run(pytester, run, monkeypatch) -> None:
+    """Hypothesis's own warning is not hidden where a plain run shows it."""
+    monkeypatch.setenv("HYPOTHESIS_STORAGE_DIRECTORY", "/proc/sys/pytest-isolate-nowhere")
+    pytester.makepyfile(test_property=PROPERTY)
+    plain = run("-p", "no:isolate", "-W", "ignore::pytest.PytestUnknownMarkWarning")
+    isolated = run("--isolate-mode=fork")
+    assert isolated.parseoutcomes()["failed"] == 1, _text(isolated)[-6000:]
+    for result in (plain, isolated):
+        result.stdout.fnmatch_lines(["*warnings summary*", "*the default location is unusable*"])
+    assert not [line for line in isolated.errlines if line.strip()], _text(isolated)[-6000:]
