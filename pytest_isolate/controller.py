@@ -15,7 +15,7 @@ from typing import Any
 import execnet
 import pytest
 
-from . import boundary, images, remote
+from . import boundary, hypothesis_support, images, remote
 from .limits import Limiter, human
 from .replay import Replay
 from .hardening import seccomp_programs
@@ -109,8 +109,12 @@ class ContainerHost:
         except (*LINK_ERRORS, execnet.HostNotFound) as exc:
             raise _lost_link(exc) from None
         config = self.controller.config
+        workerinput = dict(self.controller.workerinput)
+        examples = hypothesis_support.examples_directory()  # the container reads it, read-only
+        if examples is not None:
+            workerinput[hypothesis_support.WORKERINPUT_KEY] = examples
         self._send("start", entries=self.entries, args=self.args, option_dict=_plain_options(config.option),
-                   workerinput=self.controller.workerinput, sys_path=list(sys.path), argv=list(sys.argv),
+                   workerinput=workerinput, sys_path=list(sys.path), argv=list(sys.argv),
                    collect=self.mode == "fork")
         try:
             name, data = self._receive()

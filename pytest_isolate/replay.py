@@ -22,7 +22,7 @@ import signal
 
 import pytest
 
-from . import boundary
+from . import boundary, hypothesis_support
 from .options import Settings
 from .runtime import link
 
@@ -84,6 +84,7 @@ class Replay:
         self.session_exit: dict | None = None  # pytest.exit() inside the container
         self.usage = None  # limits.Usage, set by the controller after "done"
         self.oom: str | None = None  # why, when the OOM killer ended the test
+        self.hypothesis = hypothesis_support.DatabaseWrites(item)  # its example database's writes
 
     # -- what comes in -----------------------------------------------------------------------
 
@@ -145,6 +146,9 @@ class Replay:
 
     def event_container_error(self, data) -> None:
         self._container_error(boundary.check_problem(data, "a container error"))
+
+    def event_hypothesis_write(self, data) -> None:
+        self.hypothesis.add(data)
 
     def event_not_collected(self, data) -> None:
         self.problem = f"pytest-isolate: {boundary.check_problem(data, 'not collected')['message']}"
@@ -242,6 +246,8 @@ class Replay:
         """Log what the test reported, or what happened instead; the teardown last."""
         if not self.tampered:
             self.tampered = self._unreachable_outcome()
+        if not self.tampered:  # written as in a plain run, whatever the outcome
+            self.hypothesis.apply()
         for warning in self.warnings:
             self.config.hook.pytest_warning_recorded.call_historic(kwargs=warning)
         for name, value in self.properties:

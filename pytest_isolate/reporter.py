@@ -14,9 +14,11 @@ import faulthandler
 import os
 import sys
 import time
+import warnings
 
 import pytest
 
+from pytest_isolate import hypothesis_support
 from pytest_isolate.runtime import link
 
 DEFAULT_CAPTURE_CAP = 8 << 20
@@ -29,6 +31,7 @@ def make_config(option_dict: dict, args: list[str], workerinput: dict) -> pytest
     # results belong to the controller.
     config.workerinput = workerinput  # type: ignore[attr-defined]
     config.workeroutput = {}  # type: ignore[attr-defined]
+    hypothesis_support.setup_container(config, workerinput)
     return config
 
 
@@ -38,7 +41,14 @@ def quiet_session_output() -> int:
     Returns the fd the session writes to, which containers must keep."""
     os.dup2(2, 1)
     sys.stdout = open(os.devnull, "w")
+    # Warnings shown outside a test (pytest records those of a test) would land in
+    # the controller's progress line: the controller's own session shows its own.
+    warnings.showwarning = _show_no_warning
     return sys.stdout.fileno()
+
+
+def _show_no_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    pass
 
 
 class ContainerFixtures:
@@ -93,6 +103,7 @@ class TestReporter:
     def run_item(self, item: pytest.Item, deadline: float | None) -> None:
         """Run one collected item in this process, inside its container."""
         self.config.pluginmanager.register(self, "isolate-test-reporter")
+        hypothesis_support.start_test(self.send)
         _redirect_capture(self.config, self.files["stdout"], self.files["stderr"])
         _use_crash_log(self.config, self.files["crashlog"], deadline)
         if self.config.getoption("capture") == "no":
