@@ -382,28 +382,6 @@ class Controller:
         path, _, rest = item.nodeid.partition("::")
         return str(self.config.rootpath / path) + ("::" + rest if rest else "")
 
-    def limit_hit(self) -> bool:
-        """Whether some isolated test hit a limit (OOM kill, pids refused, CPU throttled)."""
-        return any(usage[4] for usage in self.usages)
-
-    def top_consumers(self, count: int) -> list[str]:
-        """The ``count`` isolated tests that used the most memory and CPU, ranked among
-        the tests measured the same way: a cgroup counts the pages a test touched,
-        getrusage a process's resident set, pages shared with the container host
-        included."""
-        if count <= 0 or not self.usages:
-            return []
-        lines = []
-        for source in sorted({usage[3] for usage in self.usages}, key=lambda s: (s == "rusage", s)):
-            same = [usage for usage in self.usages if usage[3] == source]
-            lines.append(f"measured by {source} (tests with limits):" if source != "rusage" else
-                         "measured by getrusage (tests without limits; shared pages count):")
-            by_memory = sorted(same, key=lambda u: -(u[1] or 0))[:count]
-            lines += [f"{human(u[1]):>10} peak memory  {u[0]}" for u in by_memory]
-            by_cpu = sorted(same, key=lambda u: -(u[2] or 0))[:count]
-            lines += [f"{u[2] or 0:>8.3f} s CPU time     {u[0]}" for u in by_cpu]
-        return lines
-
     def summary_lines(self) -> list[str]:
         lines = [
             f"container host ({mode} mode, image {image}): started in {host.start_seconds:.2f}s, "

@@ -189,3 +189,28 @@ class Limiter:
             except OSError:
                 pass
         self._groups.clear()
+
+
+def limit_hit(usages: list) -> bool:
+    """Whether some isolated test hit a limit (OOM kill, pids refused, CPU throttled)."""
+    return any(usage[4] for usage in usages)
+
+
+def top_consumers(usages: list, count: int) -> list[str]:
+    """``usages``: (nodeid, peak memory, CPU seconds, source, hit) of each isolated
+    test. The ``count`` isolated tests that used the most memory and CPU, ranked among
+    the tests measured the same way: a cgroup counts the pages a test touched,
+    getrusage a process's resident set, pages shared with the container host
+    included."""
+    if count <= 0 or not usages:
+        return []
+    lines = []
+    for source in sorted({usage[3] for usage in usages}, key=lambda s: (s == "rusage", s)):
+        same = [usage for usage in usages if usage[3] == source]
+        lines.append(f"measured by {source} (tests with limits):" if source != "rusage" else
+                     "measured by getrusage (tests without limits; shared pages count):")
+        by_memory = sorted(same, key=lambda u: -(u[1] or 0))[:count]
+        lines += [f"{human(u[1]):>10} peak memory  {u[0]}" for u in by_memory]
+        by_cpu = sorted(same, key=lambda u: -(u[2] or 0))[:count]
+        lines += [f"{u[2] or 0:>8.3f} s CPU time     {u[0]}" for u in by_cpu]
+    return lines

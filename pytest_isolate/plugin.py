@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from . import limits
 from . import options as opts
 
 MARKER = "isolated"
@@ -191,8 +192,8 @@ class IsolatePlugin:
                 terminalreporter.write_line(line)
         count = self.config.getoption("isolate_usage")
         if count is None:  # by default only when it tells something
-            count = 5 if self.controller.limit_hit() or self.config.get_verbosity() >= 1 else 0
-        top = self.controller.top_consumers(count)
+            count = 5 if limits.limit_hit(self.controller.usages) or self.config.get_verbosity() >= 1 else 0
+        top = limits.top_consumers(self.controller.usages, count)
         if top:
             terminalreporter.write_sep("-", "pytest-isolate: top consumers")
             for line in top:
