@@ -301,7 +301,11 @@ def test_plain():
     usage = reports_by_test(result)["test_unlimited"]
     assert re.search(r"peak memory [\d.]+ MiB, CPU time [\d.]+ s \(measured by rusage\)", usage), usage
     assert "limits enforced" not in usage
-    assert top_consumers(result) is None  # no test had limits: no ranking by default
+    # -vv shows the ranking (no limit was hit, so only verbosity does), by getrusage
+    lines = top_consumers(result)
+    assert lines is not None and len(lines) == 3, lines  # the heading, memory, CPU
+    assert lines[0] == "measured by getrusage (tests without limits; shared pages count):"
+    assert all(line.endswith("test_usage.py::test_unlimited") for line in lines[1:]), lines
 
 
 # -- pids ------------------------------------------------------------------------------
