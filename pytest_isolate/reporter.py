@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from pytest_isolate import coverage_container
 from pytest_isolate.runtime import link
 
 DEFAULT_CAPTURE_CAP = 8 << 20
@@ -97,10 +98,14 @@ class TestReporter:
         _use_crash_log(self.config, self.files["crashlog"], deadline)
         if self.config.getoption("capture") == "no":
             sys.stdout = sys.__stdout__
+        # Coverage, when the controller measures it: from setup to teardown, sent as an event.
+        coverage = coverage_container.start(self.config, item, self.send)
         try:
             self.config.hook.pytest_runtest_protocol(item=item, nextitem=None)
         except pytest.exit.Exception as exc:
             self.send("session_exit", reason=exc.msg, returncode=exc.returncode)
+        if coverage is not None:
+            coverage.finish()
         faulthandler.cancel_dump_traceback_later()
         sys.stdout.flush()
         sys.stderr.flush()
