@@ -111,7 +111,7 @@ class Measurement:
             self.cov.stop()
             self.cov.save()
             data = self._combined()
-            exported = export(data)
+            exported = export(data, bool(self.cov.config.branch))
             size = len(json.dumps(exported, separators=(",", ":")))
             if size > CAP:
                 _warn(self.send, self.item, f"its coverage data ({size} bytes) is larger than {CAP} bytes "
@@ -134,10 +134,12 @@ class Measurement:
         return cov.get_data()
 
 
-def export(data) -> dict:
+def export(data, branch: bool) -> dict:
     """A CoverageData as plain JSON: ``{"arcs", "files": {path: {context: numbers}},
-    "tracers": {path: plugin}}`` (what coverage_support.check takes)."""
-    arcs = data.has_arcs()
+    "tracers": {path: plugin}}`` (what coverage_support.check takes), of the kind
+    measured (``branch``: arcs): data of a test that ran no measured line is
+    neither lines nor arcs."""
+    arcs = branch
     files: dict[str, dict[str, list]] = {path: {} for path in data.measured_files()}
     for context in sorted(data.measured_contexts()):
         data.set_query_contexts(["^" + re.escape(context) + "$"])
@@ -153,8 +155,13 @@ def export(data) -> dict:
 def _warn(send, item: pytest.Item, message: str) -> None:
     """A warning of the test, shown in the controller's warnings summary."""
     send("warning", warning={"message": f"pytest-isolate: {message}", "category_module": "pytest",
-                             "category_name": "PytestWarning", "filename": str(item.path), "lineno": None},
+                             "category_name": "PytestWarning", "filename": str(item.path), "lineno": _line(item)},
          when="runtest", nodeid=item.nodeid, location=None)
+
+
+def _line(item: pytest.Item) -> int | None:
+    line = item.location[1]
+    return line + 1 if isinstance(line, int) else None
 
 
 def _describe(exc: BaseException) -> str:
