@@ -59,11 +59,13 @@ class Measurement:
         self.send = send
         self.settings = settings
         self.directory = tempfile.mkdtemp(prefix="pytest-isolate-coverage-")
-        os.mkdir(os.path.join(self.directory, "data"))
+        self._data_dir = os.path.join(self.directory, "data")
+        os.mkdir(self._data_dir)
         measured = CoverageConfig.deserialize(settings["config"])
-        measured.data_file = os.path.join(self.directory, "data", ".coverage")
+        measured.data_file = os.path.join(self._data_dir, ".coverage")
         measured.parallel = True  # a file per process: this one's and its subprocesses'
         self.config_text = measured.serialize()
+        _skip_origin_stack()
         self.cov = coverage.Coverage(config_file=":data:" + self.config_text)
         # The test's modules were imported before it started (at collection):
         # nothing to warn about, the controller measured that.
@@ -109,8 +111,9 @@ class Measurement:
         try:
             self.config.pluginmanager.unregister(self)
             self.cov.stop()
-            self.cov.save()
-            data = self._combined()
+            data = self.cov.get_data()  # written into the data directory, as a save() does
+            if any(name != os.path.basename(data.data_filename()) for name in os.listdir(self._data_dir)):
+                data = self._combined()  # a subprocess wrote data too
             exported = export(data, bool(self.cov.config.branch))
             size = len(json.dumps(exported, separators=(",", ":")))
             if size > CAP:
@@ -130,23 +133,38 @@ class Measurement:
         combining.data_file = os.path.join(self.directory, ".coverage")
         combining.parallel = False
         cov = coverage.Coverage(config_file=":data:" + combining.serialize())
-        cov.combine(data_paths=[os.path.join(self.directory, "data")], keep=True)
+        cov.combine(data_paths=[self._data_dir], keep=True)
         return cov.get_data()
+
+
+def _skip_origin_stack() -> None:
+    """Coverage's collector notes the stack it was started from (``short_stack()``, for
+    its debug output): inspect.stack() reads the source of every frame, pytest's
+    deep stack here, which costs tens of ms a test. This process is the test's alone."""
+    try:
+        import coverage.collector
+
+        if callable(getattr(coverage.collector, "short_stack", None)):
+            coverage.collector.short_stack = lambda *args, **kwargs: "(pytest-isolate: a test's process)"
+    except Exception:  # noqa: BLE001 - another coverage: only slower
+        pass
 
 
 def export(data, branch: bool) -> dict:
     """A CoverageData as plain JSON: ``{"arcs", "files": {path: {context: numbers}},
     "tracers": {path: plugin}}`` (what coverage_support.check takes), of the kind
     measured (``branch``: arcs): data of a test that ran no measured line is
-    neither lines nor arcs."""
+    neither lines nor arcs. Files with nothing run (coverage touches every file of
+    its sources) are left out: the controller's own measurement touches them."""
     arcs = branch
-    files: dict[str, dict[str, list]] = {path: {} for path in data.measured_files()}
+    files: dict[str, dict[str, list]] = {}
+    measured = sorted(data.measured_files())
     for context in sorted(data.measured_contexts()):
         data.set_query_contexts(["^" + re.escape(context) + "$"])
-        for path in files:
+        for path in measured:
             numbers = data.arcs(path) if arcs else data.lines(path)
             if numbers:
-                files[path][context] = sorted(list(n) for n in numbers) if arcs else sorted(numbers)
+                files.setdefault(path, {})[context] = sorted(list(n) for n in numbers) if arcs else sorted(numbers)
     data.set_query_contexts(None)
     tracers = {path: tracer for path in files if (tracer := data.file_tracer(path))}
     return {"arcs": arcs, "files": files, "tracers": tracers}

@@ -207,11 +207,6 @@ class CoverageCollector:
                     pending.add_arcs(files)
                 else:
                     pending.add_lines(files)
-            # Files measured with nothing run (an empty __init__.py): coverage only
-            # touches files once it knows whether it holds lines or arcs.
-            touched = [path for path, contexts in checked["files"].items() if not contexts]
-            if touched and pending:
-                pending.touch_files(touched)
             if checked["tracers"]:
                 pending.add_file_tracers(checked["tracers"])
         except Exception as exc:  # noqa: BLE001 - e.g. a file tracer that conflicts

@@ -3,7 +3,7 @@ container of its own.
 
 Like xdist's ``remote.py`` this module is shipped to the other process by execnet
 (``gateway.remote_exec(remote)``) and imports nothing of the plugin: only pytest,
-reporter.py / fresh.py (the in-container side) and the stdlib-only
+reporter.py / fresh.py / coverage_container.py (the in-container side) and the stdlib-only
 ``pytest_isolate.runtime``. It speaks the typed messages of runtime/link.py:
 
     controller -> host   start, then any of: run, zygote, shutdown
