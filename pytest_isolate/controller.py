@@ -15,7 +15,7 @@ from typing import Any
 import execnet
 import pytest
 
-from . import boundary, hypothesis_support, images, remote
+from . import boundary, coverage_support, hypothesis_support, images, remote
 from .limits import Limiter, human
 from .replay import Replay
 from .hardening import seccomp_programs
@@ -26,6 +26,9 @@ from .runtime import launch, link, paths, rootfs
 HOST_OPTION_OVERRIDES = {
     "usepdb": False, "trace": False, "dist": "no", "numprocesses": None, "tx": [],
     "looponfail": False, "basetemp": None, "xmlpath": None,
+    # pytest-cov must not start there (it would write into the read-only project):
+    # the tests' coverage comes back as events (coverage_support.py).
+    "cov_source": [],
 }
 
 
@@ -104,12 +107,14 @@ class ContainerHost:
         xspec.python = launch.launcher_command(sys.executable, entries=self.entries, sources=self.sources,
                                                cwd=self.cwd, hostname=DEFAULT_HOSTNAME)
         try:
-            self.gateway = self.controller.group.makegateway(xspec)
+            with coverage_support.host_environment():
+                self.gateway = self.controller.group.makegateway(xspec)
             self.channel = self.gateway.remote_exec(remote)
         except (*LINK_ERRORS, execnet.HostNotFound) as exc:
             raise _lost_link(exc) from None
         config = self.controller.config
         workerinput = dict(self.controller.workerinput)
+        workerinput[coverage_support.SETTINGS_KEY] = self.controller.coverage.container_settings()
         examples = hypothesis_support.examples_directory()  # the container reads it, read-only
         if examples is not None:
             workerinput[hypothesis_support.WORKERINPUT_KEY] = examples
@@ -295,6 +300,8 @@ class Controller:
         self.tests_run = 0
         self.limiter = Limiter()
         self.usages: list = []
+        self.coverage = coverage_support.CoverageCollector(config)
+        config.pluginmanager.register(self.coverage, "isolate-coverage-collector")
 
     def image_entries(self, image: str) -> list[dict]:
         if image not in self._images:
@@ -347,6 +354,7 @@ class Controller:
         replay = Replay(item, settings, *caps)
         try:
             host = self.host_for(settings)
+            replay.check_coverage = self.coverage.checker()
             plan = self.limiter.plan(settings, host)
             try:
                 programs = seccomp_programs(settings.seccomp, settings.cap_add)
@@ -375,7 +383,11 @@ class Controller:
             replay.host_failed(str(exc))
         except OSError as exc:  # a cgroup that could not be set up
             replay.host_failed(f"the limits of this test could not be set: {exc}")
-        replay.finish(nextitem)
+        try:
+            replay.finish(nextitem)
+        finally:
+            if not replay.tampered:
+                self.coverage.add(replay.coverage)
         self.tests_run += 1
 
     def _fresh_arg(self, item: pytest.Item) -> str:

@@ -3,7 +3,7 @@ container of its own.
 
 Like xdist's ``remote.py`` this module is shipped to the other process by execnet
 (``gateway.remote_exec(remote)``) and imports nothing of the plugin: only pytest,
-reporter.py / fresh.py (the in-container side) and the stdlib-only
+reporter.py / fresh.py / coverage_container.py (the in-container side) and the stdlib-only
 ``pytest_isolate.runtime``. It speaks the typed messages of runtime/link.py:
 
     controller -> host   start, then any of: run, zygote, shutdown
@@ -33,7 +33,7 @@ import time
 
 import pytest
 
-from pytest_isolate import fresh, reporter
+from pytest_isolate import coverage_container, fresh, reporter
 from pytest_isolate.runtime import hugepages, launch, link, masks, pipeline, process
 from pytest_isolate.runtime.supervisor import Supervisor, read_capped
 from pytest_isolate.runtime.zygote import Zygote
@@ -199,6 +199,7 @@ def serve(channel) -> None:
         start = dict(start, session_output_fd=reporter.quiet_session_output(),
                      mode="fork" if start["collect"] else "fresh")
         config = reporter.make_config(start["option_dict"], start["args"], start["workerinput"])
+        coverage_container.prepare(start["workerinput"])
         host = Host(config, channel, start, launched)
         config.pluginmanager.register(host, "isolate-host")
         config.pluginmanager.register(host.fixtures, "isolate-fixtures")

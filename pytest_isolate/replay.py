@@ -85,6 +85,9 @@ class Replay:
         self.usage = None  # limits.Usage, set by the controller after "done"
         self.oom: str | None = None  # why, when the OOM killer ended the test
         self.hypothesis = hypothesis_support.DatabaseWrites(item)  # its example database's writes
+        # Coverage (coverage_support.py): the controller's check when it measures, the checked data.
+        self.check_coverage = None
+        self.coverage: dict | None = None
 
     # -- what comes in -----------------------------------------------------------------------
 
@@ -143,6 +146,11 @@ class Replay:
 
     def event_session_exit(self, data) -> None:
         self.session_exit = boundary.check_session_exit(data)
+
+    def event_coverage(self, data) -> None:
+        if self.check_coverage is None or self.coverage is not None:
+            raise boundary.Tampering("coverage data that was not asked for")
+        self.coverage = self.check_coverage(data)
 
     def event_container_error(self, data) -> None:
         self._container_error(boundary.check_problem(data, "a container error"))

@@ -18,7 +18,7 @@ import warnings
 
 import pytest
 
-from pytest_isolate import hypothesis_support
+from pytest_isolate import coverage_container, hypothesis_support
 from pytest_isolate.runtime import link
 
 DEFAULT_CAPTURE_CAP = 8 << 20
@@ -108,10 +108,14 @@ class TestReporter:
         _use_crash_log(self.config, self.files["crashlog"], deadline)
         if self.config.getoption("capture") == "no":
             sys.stdout = sys.__stdout__
+        # Coverage, when the controller measures it: from setup to teardown, sent as an event.
+        coverage = coverage_container.start(self.config, item, self.send)
         try:
             self.config.hook.pytest_runtest_protocol(item=item, nextitem=None)
         except pytest.exit.Exception as exc:
             self.send("session_exit", reason=exc.msg, returncode=exc.returncode)
+        if coverage is not None:
+            coverage.finish()
         faulthandler.cancel_dump_traceback_later()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -69,6 +69,7 @@ MESSAGES: dict[str, dict[str, object]] = {
     "report": {"data": _ANY},
     "warning": {"warning": _ANY, "when": _ANY, "nodeid": _ANY, "location": _ANY},
     "testsuite_property": {"name": _ANY, "value": _ANY},
+    "coverage": {"data": _ANY},  # the lines the test ran (coverage_container.py -> coverage_support.py)
     "session_exit": {"reason": _ANY, "returncode": _ANY},
     "container_error": {"message": _ANY, "step": _ANY},
     "not_collected": {"message": _ANY},
@@ -92,6 +93,7 @@ MESSAGES: dict[str, dict[str, object]] = {
 # What each receiver takes.
 TEST_EVENTS = ("report", "warning", "testsuite_property", "session_exit", "container_error", "not_collected",
                "hypothesis_write")
+TEST_EVENTS += ("coverage",)  # when the controller measures coverage (coverage_support.py)
 FROM_HOST = ("ready", "host_error", "zygote_pid", "events", "done")
 TO_HOST = ("run", "zygote", "shutdown")
 
