@@ -202,7 +202,7 @@ class ContainerHost:
 
     def _send(self, name: str, /, **fields) -> None:
         try:
-            self.channel.send(link.message(name, **fields))
+            self.channel.send(link.to_text(name, **fields))
         except LINK_ERRORS as exc:
             raise _lost_link(exc) from None
 
@@ -267,7 +267,7 @@ class ContainerHost:
     def close(self) -> None:
         if self.channel is not None:
             try:
-                self.channel.send(link.message("shutdown"))
+                self.channel.send(link.to_text("shutdown"))
                 self.channel.waitclose(10)
             except Exception:
                 self.kill()

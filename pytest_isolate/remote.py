@@ -102,7 +102,7 @@ class Host:
         # than forks of a small one (runtime/hugepages.py).
         hugepages.collapse()
         while True:
-            name, fields = link.check(self.channel.receive(), link.TO_HOST)
+            name, fields = link.read_text(self.channel.receive(), link.TO_HOST)
             if getattr(self, "controller_" + name)(**fields) is False:
                 return True
 
@@ -192,7 +192,7 @@ def serve(channel) -> None:
     if launched["error"]:
         channel.send(link.message("host_error", message=launched["error"]))
         return
-    _, start = link.check(channel.receive(), ("start",))
+    _, start = link.read_text(channel.receive(), ("start",))
     try:
         sys.path[:] = start["sys_path"]
         sys.argv[:] = start["argv"]  # e.g. doctest.testmod() reads '-v' from it
