@@ -265,3 +265,17 @@ def read_junit(path) -> JUnitReport:
     return JUnitReport(dict(suite.attrib),
                        {} if suite_props is None else {p.get("name"): p.get("value") for p in suite_props},
                        cases)
+
+
+# Inner-test source: how a hostile test finds its events file (a memfd of that name)
+# to write frames into it. Needs ``os`` imported by the inner file.
+FIND_CHANNEL = '''
+def channel():
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if "pytest-isolate-events" in os.readlink(f"/proc/self/fd/{fd}"):
+                return int(fd)
+        except OSError:
+            pass
+    raise AssertionError("no event channel in /proc/self/fd")
+'''

@@ -14,6 +14,7 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from conftest import FIND_CHANNEL
 from pytest_isolate import boundary
 from pytest_isolate.options import Settings
 from pytest_isolate.replay import Replay
@@ -145,18 +146,11 @@ ATTACKERS = """
 import json, os, pytest
 STREAMS = json.load(open(os.path.join(os.path.dirname(__file__), "streams.json")))
 
-def events_fd():
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if "pytest-isolate-events" in os.readlink(f"/proc/self/fd/{fd}"):
-                return int(fd)
-        except OSError:
-            pass
-
+""" + FIND_CHANNEL + """
 @pytest.mark.isolated
 @pytest.mark.parametrize("n", range(len(STREAMS)))
 def test_attacker(n):
-    os.write(events_fd(), bytes.fromhex(STREAMS[n]))
+    os.write(channel(), bytes.fromhex(STREAMS[n]))
 
 @pytest.mark.isolated
 @pytest.mark.parametrize("n", range(len(STREAMS)))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IS_ROOT, SUITE_MODE_ARGS
+from conftest import FIND_CHANNEL, IS_ROOT, SUITE_MODE_ARGS
 
 MODES = ("fork", "fresh")
 TAMPERED = "tampered with its report channel"
@@ -35,15 +35,7 @@ import ctypes, errno, os, site, stat, struct, sys, time
 import pytest
 from pytest_isolate.runtime import link
 
-def channel():
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if "pytest-isolate-events" in os.readlink(f"/proc/self/fd/{fd}"):
-                return int(fd)
-        except OSError:
-            pass
-    raise AssertionError("no event channel in /proc/self/fd")
-
+''' + FIND_CHANNEL + '''
 def me():
     return os.environ["PYTEST_CURRENT_TEST"].rsplit(" ", 1)[0]
 

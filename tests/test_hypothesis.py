@@ -20,6 +20,8 @@ pytest.importorskip("hypothesis")
 
 from hypothesis.database import DirectoryBasedExampleDatabase, _hash  # noqa: E402
 
+from conftest import FIND_CHANNEL  # noqa: E402
+
 MODES = ["fork", "fresh"]
 
 CONFTEST = """
@@ -151,15 +153,7 @@ import base64, os
 import pytest
 from pytest_isolate.runtime import link
 
-def channel():
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if "pytest-isolate-events" in os.readlink(f"/proc/self/fd/{fd}"):
-                return int(fd)
-        except OSError:
-            pass
-    raise AssertionError("no event channel")
-
+""" + FIND_CHANNEL + """
 def b64(data):
     return base64.b64encode(data).decode()
 
