@@ -45,6 +45,16 @@ def test_passes(x):
     assert isinstance(x, int)
 """
 
+@pytest.fixture(autouse=True)
+def local_hypothesis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hypothesis loads its "ci" profile (no database) when it sees a CI variable;
+    these runs compare with a developer's plain run, which has the database."""
+    from hypothesis import _settings
+
+    for key in getattr(_settings, "_CI_VARS", {"CI": None}):
+        monkeypatch.delenv(key, raising=False)
+
+
 PROGRESS = re.compile(r"^\S+::\S+ (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)( \(.*\))?\s+\[\s*\d+%\]$")
 
 
