@@ -6,7 +6,7 @@ its container must count too. They come back over the link, never through a
 writable mount of the project:
 
 * The container host does not run pytest-cov: its options say ``cov_source=[]``
-  (controller.HOST_OPTION_OVERRIDES), so pytest-cov's plugin never starts there
+  (hosts.HOST_OPTION_OVERRIDES), so pytest-cov's plugin never starts there
   (it would write its data file into the read-only project). Coverage's own
   start-up variables (``COVERAGE_PROCESS_START``/``_CONFIG``, pytest-cov's older
   ``COV_CORE_*``) are kept out of the host's environment (``host_environment``),

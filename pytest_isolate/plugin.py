@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from . import limits
+from . import limits, shared_support
 from . import options as opts
 
 MARKER = "isolated"
@@ -28,6 +28,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--isolate-usage", type=int, default=None, metavar="N",
                     help="list the N isolated tests that used the most memory and CPU "
                     "(default: 5 with -v or when a test hit a limit, else none; 0: none)")
+    parser.addini(shared_support.INI, type="linelist", default=[], help=shared_support.HELP)
     for option in opts.OPTIONS:
         group.addoption(option.flag, dest=f"isolate_{option.name}", metavar=option.metavar,
                         action="append" if option.multiple else "store", default=None,
@@ -61,6 +62,7 @@ class IsolatePlugin:
         self.base_layers = [self._ini_layer(), self._cli_layer()]
         self.isolated_count = 0
         self.worker_lines: list[str] = []
+        self.teardown_errors: list[str] = []  # of shared fixtures, also from xdist workers
 
     # -- option layers -----------------------------------------------------------------
 
@@ -140,7 +142,7 @@ class IsolatePlugin:
     # -- hooks -----------------------------------------------------------------------
 
     @pytest.hookimpl(trylast=True)
-    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+    def pytest_collection_modifyitems(self, session: pytest.Session, items: list[pytest.Item]) -> None:
         isolated = []
         registered = self._registered_markers()
         for item in items:
@@ -153,7 +155,11 @@ class IsolatePlugin:
                     raise pytest.UsageError(f"{item.nodeid}: invalid {problem[0]!r}: {problem[1]}")
                 isolated.append(item)
         self.isolated_count = len(isolated)
-        self.controller.plan([(item, item.stash[settings_key]) for item in isolated])
+        planned = [(item, item.stash[settings_key]) for item in isolated]
+        self.controller.plan(planned)
+        shared = self.config.getini(shared_support.INI)
+        if shared:
+            self.controller.plan_shared(shared_support.check_names(shared, session, items, self._ini_source()), planned)
         if isolated and (self.config.getoption("usepdb") or self.config.getoption("trace")):
             warnings.warn(pytest.PytestWarning(
                 "--pdb/--trace do not stop in isolated tests: containers have no terminal. "
@@ -183,6 +189,7 @@ class IsolatePlugin:
         worker = getattr(getattr(node, "gateway", None), "id", "?")
         self.worker_lines += [f"[{worker}] {line}" for line in output.get("isolate_summary", [])]
         self.controller.usages += [tuple(usage) for usage in output.get("isolate_usages", [])]
+        self.teardown_errors += [f"[{worker}] {error}" for error in output.get("isolate_teardown_errors", [])]
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         lines = self.controller.summary_lines() + self.worker_lines
@@ -193,18 +200,27 @@ class IsolatePlugin:
         count = self.config.getoption("isolate_usage")
         if count is None:  # by default only when it tells something
             count = 5 if limits.limit_hit(self.controller.usages) or self.config.get_verbosity() >= 1 else 0
+        for error in self.teardown_errors:
+            terminalreporter.write_sep("_", "pytest-isolate: ERROR at teardown of the shared fixtures", red=True)
+            terminalreporter.write_line(error)
         top = limits.top_consumers(self.controller.usages, count)
         if top:
             terminalreporter.write_sep("-", "pytest-isolate: top consumers")
             for line in top:
                 terminalreporter.write_line(line)
 
-    def pytest_sessionfinish(self) -> None:
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
         self.controller.shutdown()
+        self.teardown_errors += self.controller.teardown_errors
         workeroutput = getattr(self.config, "workeroutput", None)
         if workeroutput is not None:  # an xdist worker: hand the summary to the controller
             workeroutput["isolate_summary"] = self.controller.summary_lines()
             workeroutput["isolate_usages"] = [list(usage) for usage in self.controller.usages]
+            workeroutput["isolate_teardown_errors"] = list(self.controller.teardown_errors)
+        # A shared fixture's teardown error fails the run, as a session fixture's does.
+        if self.teardown_errors and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def _did_you_mean(name: str, known) -> str:

@@ -9,7 +9,8 @@ reporter.py / fresh.py / coverage_container.py (the in-container side) and the s
     controller -> host   start, then any of: run, zygote, shutdown
     host -> controller   ready | host_error; zygote_pid (the limits zygote, for
                          cgroup.procs); per test, every 0.25 s of a long test, the
-                         events written so far (events), then done
+                         events written so far (events), then done; closed (the
+                         answer to shutdown, after the shared fixtures' teardown)
 
 What a test writes (its events, its captured output, its crash log) is untrusted:
 the host does not decode it, it only reads it within caps and passes the bytes on;
@@ -33,7 +34,7 @@ import time
 
 import pytest
 
-from pytest_isolate import coverage_container, fresh, reporter
+from pytest_isolate import coverage_container, fresh, reporter, shared_container
 from pytest_isolate.runtime import hugepages, launch, link, masks, pipeline, process
 from pytest_isolate.runtime.supervisor import Supervisor, read_capped
 from pytest_isolate.runtime.zygote import Zygote
@@ -67,6 +68,7 @@ class Host:
         # once forked the zygote before collection, with no items.
         self.pipeline = pipeline.Pipeline(pipeline.InitFactory(link.Channel.from_fd(launched["factory_fd"])))
         self.masks = masks.system_path_masks()
+        self.shared = shared_container.Shared()
 
     def send(self, name: str, /, **fields) -> None:
         self.channel.send(link.message(name, **fields))
@@ -89,8 +91,11 @@ class Host:
     @pytest.hookimpl
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         self.items = {item.nodeid: item for item in session.items}
+        # Before anything is forked: every test inherits them (shared_container.py).
+        self.shared.set_up(session, self.items, self.start["shared"])
         self.send("ready", collected=len(self.items), host_pid=process.outer_pid(), rss=_resident_bytes(),
-                  seconds=time.perf_counter() - self.started, notes=self.launched["notes"])
+                  seconds=time.perf_counter() - self.started, notes=self.launched["notes"],
+                  shared={"names": self.shared.names, "seconds": self.shared.seconds, "notes": self.shared.notes})
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtestloop(self, session: pytest.Session) -> bool:
@@ -114,6 +119,7 @@ class Host:
 
     def controller_shutdown(self) -> bool:
         self.pipeline.shutdown()
+        self.send("closed", teardown_error=self.shared.tear_down())
         return False
 
     def controller_run(self, nodeid: str, container_config: dict, mode: str, timeout, fresh_arg: str,
@@ -129,7 +135,8 @@ class Host:
                 f"cap_add=SYS_ADMIN is refused here: the image's mounts could not be locked "
                 f"({unlocked}), so the test could make them writable"), step="mount locking")
             return
-        config = dict(container_config, seccomp_programs=seccomp_programs, masks=self.masks)
+        config = dict(container_config, seccomp_programs=seccomp_programs, masks=self.masks,
+                      mounts=container_config["mounts"] + self.shared.mounts)
         started = time.perf_counter()
         # Limited tests are forked by the zygote in their cgroup and waited for to the
         # end: the next one must not share its limits with this one's leftovers.
@@ -184,6 +191,7 @@ class Host:
         """The payload in mode "fork": run the collected item, in the test's process."""
         test = reporter.TestReporter(self.config, files, job["capture_cap"])
         self.fixtures.reporter = test
+        self.shared.forget_in_test()
         test.run_item(self.items[job["nodeid"]], job["deadline"])
 
 

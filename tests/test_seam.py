@@ -143,7 +143,25 @@ def test_a_failing_mount_stops_the_build_with_its_description(test_root):
 def test_an_unknown_entry_type_is_a_value_error_naming_it(test_root):
     with syscalls.recording(), pytest.raises(ValueError, match=r"unknown image entry type 'squashfs' \(on /opt\)"):
         rootfs.build_test_root(IMAGE + [{"type": "squashfs", "dst": "/opt"}], [])
-    assert set(rootfs.TYPES) == {"bind", "dev", "symlink", "tmpfs", "devpts", "proc", "sysfs"}
+    assert set(rootfs.TYPES) == {"bind", "dev", "symlink", "tmpfs", "devpts", "proc", "sysfs", "overlay"}
+
+
+def test_an_overlay_entry_layers_a_stage_directory_inside_the_test_tmp(test_root):
+    """What shared fixtures wrote under tmp_path_factory (shared_container.py): after
+    the test's own /tmp, an overlay with the host's directory as its lower layer and
+    its upper and work directories in the test's scratch."""
+    scratch, root = test_root
+    shared = {"type": "overlay", "dst": "/tmp/pytest-of-root/pytest-0", "src": "/tmp/pytest-of-root/pytest-0"}
+    with syscalls.recording() as calls:
+        rootfs.build_test_root(IMAGE, [shared])
+    layers = f"{scratch}/layers/tmp/pytest-of-root/pytest-0"
+    overlay = mount("overlay", root + "/tmp/pytest-of-root/pytest-0", "overlay", MS_NOSUID | MS_NODEV,
+                    f"lowerdir=/tmp/pytest-of-root/pytest-0,upperdir={layers}/upper,workdir={layers}/work,userxattr")
+    assert calls.index(overlay) > calls.index(mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
+                                                    "mode=1777"))
+    assert os.path.isdir(layers + "/upper") and os.path.isdir(root + "/tmp/pytest-of-root/pytest-0")
+    with pytest.raises(ValueError, match="belongs to a test's root, not an image"):
+        rootfs._steps(shared).stage(rootfs._Build("/nonexistent"), shared)
 
 
 def test_mask_system_paths_mounts_one_empty_tmpfs_and_binds_it_over_other_dirs(tmp_path):

@@ -22,10 +22,11 @@ COMBINATIONS=(
     "oldest 3.9 pytest==8.0.2"
     "newest 3.13 pytest"
 )
-# Reports, modes, fixtures, messages, the link and the units: what depends on pytest's
-# internals (report serialisation, fixtures, collection) and on the interpreter.
+# Reports, modes, fixtures (shared ones too), messages, the link and the units: what
+# depends on pytest's internals (report serialisation, fixtures, collection) and on the
+# interpreter.
 SELECTION=(tests/test_reports.py tests/test_modes.py tests/test_fixtures.py tests/test_messages.py
-           tests/test_link.py tests/test_units.py tests/test_seam.py)
+           tests/test_link.py tests/test_units.py tests/test_seam.py tests/test_shared_fixtures.py)
 
 only=
 case ${1:-} in

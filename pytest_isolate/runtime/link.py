@@ -37,7 +37,7 @@ import struct
 
 _HEADER = struct.Struct(">I")
 HEADER_SIZE = _HEADER.size
-# What one test may write in all, unless the run says otherwise (controller.settings_caps).
+# What one test may write in all, unless the run says otherwise (hosts.settings_caps).
 DEFAULT_STREAM_CAP = 64 << 20
 # The largest datagram between the runtime's own processes.
 MAX_DATAGRAM = 1 << 22
@@ -79,13 +79,15 @@ MESSAGES: dict[str, dict[str, object]] = {
     "hypothesis_write": {"op": _ANY, "path": _ANY, "key": _ANY, "value": _ANY, "dest": _ANY},
     # controller -> host
     "start": {"entries": list, "args": list, "option_dict": dict, "workerinput": dict, "sys_path": list,
-              "argv": list, "collect": bool},
+              "argv": list, "collect": bool, "shared": list},
     "run": {"nodeid": str, "mode": str, "timeout": _OPT_NUM, "fresh_arg": str, "seccomp_programs": list,
             "in_zygote": bool, "events_cap": int, "capture_cap": int, "container_config": dict},
     "zygote": {},
     "shutdown": {},
     # host -> controller (checked deeply by the controller: a host runs test code)
-    "ready": {"collected": _ANY, "host_pid": _ANY, "rss": _ANY, "seconds": _ANY, "notes": _ANY},
+    "ready": {"collected": _ANY, "host_pid": _ANY, "rss": _ANY, "seconds": _ANY, "notes": _ANY,
+              "shared": _ANY},  # shared fixtures: {"names", "seconds", "notes"}
+    "closed": {"teardown_error": _ANY},  # the answer to shutdown
     "host_error": {"message": _ANY},
     "zygote_pid": {"pid": _ANY},
     "events": {"chunk": _ANY},
@@ -97,7 +99,7 @@ MESSAGES: dict[str, dict[str, object]] = {
 TEST_EVENTS = ("report", "warning", "testsuite_property", "session_exit", "container_error", "not_collected",
                "hypothesis_write")
 TEST_EVENTS += ("coverage",)  # when the controller measures coverage (coverage_support.py)
-FROM_HOST = ("ready", "host_error", "zygote_pid", "events", "done")
+FROM_HOST = ("ready", "host_error", "zygote_pid", "events", "done", "closed")
 TO_HOST = ("run", "zygote", "shutdown")
 
 

@@ -8,6 +8,7 @@ An image is a list of *entries* (plain dicts, so they cross execnet and JSON):
     {"type": "tmpfs",   "dst": "/tmp", "mode": "1777"}
     {"type": "devpts",  "dst": "/dev/pts"}
     {"type": "proc",    "dst": "/proc"}
+    {"type": "overlay", "dst": "/tmp/x", "src": "/tmp/x"}   (test roots only)
 
 The same entries are applied twice:
 
@@ -212,6 +213,23 @@ def _devpts(build: _Build, entry: dict) -> None:
         os.symlink("pts/ptmx", ptmx)
 
 
+def _test_overlay(build: _Build, entry: dict) -> None:
+    """A copy-on-write view of a directory of the stage, as the container host left it
+    (what shared fixtures wrote under their tmp_path_factory): each test writes to
+    its own upper layer. The source has no mounts below it, so overlayfs accepts it."""
+    layers = _join(SCRATCH, "layers" + entry["dst"])
+    upper, work = _join(layers, "upper"), _join(layers, "work")
+    for d in (upper, work):
+        _makedirs(d)
+    _makedirs(build.target(entry))
+    syscalls.mount("overlay", build.target(entry), "overlay", MS_NOSUID | MS_NODEV,
+                   f"lowerdir={entry['src']},upperdir={upper},workdir={work},userxattr")
+
+
+def _test_root_only(build: _Build, entry: dict) -> None:
+    raise ValueError(f"a {entry['type']!r} entry (on {entry.get('dst')}) belongs to a test's root, not an image")
+
+
 def _sysfs(build: _Build, entry: dict) -> None:
     _directory(build, entry)
     mount_sysfs(build.root)
@@ -235,6 +253,7 @@ _STEPS = {
     "devpts":  _Steps(_directory,    _directory,  _devpts),
     "proc":    _Steps(_directory,    _host_fs,    _directory),  # mount_proc mounts it later
     "sysfs":   _Steps(_directory,    _host_fs,    _sysfs),
+    "overlay": _Steps(_test_root_only, _test_root_only, _test_overlay),
 }
 TYPES = tuple(_STEPS)
 
