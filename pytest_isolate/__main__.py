@@ -23,6 +23,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "and overlayfs) works, 1 otherwise.",
     )
     doctor.add_argument("--json", action="store_true", help="print machine-readable results")
+    cache = argparse.ArgumentParser(add_help=False)
+    cache.add_argument("--cache", metavar="DIR", help="the image store (default: $PYTEST_ISOLATE_CACHE, "
+                       "else $XDG_CACHE_HOME/pytest-isolate, else ~/.cache/pytest-isolate)")
+    pull = commands.add_parser("pull", parents=[cache], help="fill the image store with an image",
+                               description="Read IMAGE (oci:PATH[:TAG] or docker-archive:PATH[:NAME:TAG]) "
+                                           "into the store: every blob verified, every layer unpacked safely.")
+    pull.add_argument("image", metavar="IMAGE")
+    pull.add_argument("-q", "--quiet", action="store_true", help="no progress")
+    commands.add_parser("images", parents=[cache], help="list the images in the store and their sizes")
+    commands.add_parser("prune", parents=[cache], help="remove the layers and blobs no image uses, and "
+                        "what interrupted pulls left")
     return parser
 
 
@@ -33,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import doctor
 
         return doctor.run(as_json=args.json)
+    if args.command in ("pull", "images", "prune"):
+        from . import images_cli
+
+        return getattr(images_cli, args.command)(args)
     parser.print_help()
     return 0
 
