@@ -37,20 +37,30 @@ class Controller:
         self.usages: list = []
         self.shared_wanted: dict[tuple[str, str], list] = {}
         self.teardown_errors: list[str] = []
+        self.pull_policy = "missing"
         self.coverage = coverage_support.CoverageCollector(config)
         config.pluginmanager.register(self.coverage, "isolate-coverage-collector")
 
-    def image_entries(self, image: str) -> list[dict]:
+    def image(self, image: str) -> images.Image:
+        """What ``image`` (a normalised reference) is made of; pulled into the store as
+        --isolate-pull says. ImageProblem when tests cannot run in it."""
         if image not in self._images:
             config = self.config
             project = [str(config.rootpath)] + ([str(config.inipath)] if config.inipath else [])
-            self._images[image] = images.host_image(project)
+            self._images[image] = images.resolve(image, project, self.pull_policy)
         return self._images[image]
+
+    def image_entries(self, image: str) -> list[dict]:
+        return self.image(image).entries
 
     def plan(self, planned: list[tuple[pytest.Item, Settings]]) -> None:
         """Check mounts against their image and learn every source up front: hosts
         bind them when they start."""
         for item, settings in planned:
+            try:
+                self.image(settings.image)
+            except images.ImageProblem as exc:
+                raise pytest.UsageError(f"{item.nodeid}: invalid 'image': {exc}") from None
             for mount in settings.mounts:
                 problem = images.unmountable(self.image_entries(settings.image), mount.dst)
                 if problem:

@@ -88,7 +88,8 @@ class ContainerHost:
             self.cwd = invocation_dir
         else:
             self.cwd = rootdir
-        self.entries = controller.image_entries(image)
+        self.built = controller.image(image)
+        self.entries = self.built.entries
         self.sources = sources
         base = rootdir if config.args_source == pytest.Config.ArgsSource.TESTPATHS else invocation_dir
         self.args = [_absolute_arg(a, base) for a in config.args]
@@ -105,8 +106,10 @@ class ContainerHost:
     def start(self) -> None:
         started = time.perf_counter()
         xspec = execnet.XSpec("popen")
-        xspec.python = launch.launcher_command(sys.executable, entries=self.entries, sources=self.sources,
-                                               cwd=self.cwd, hostname=DEFAULT_HOSTNAME)
+        image = self.built
+        xspec.python = launch.launcher_command(sys.executable, image.python, entries=self.entries,
+                                               sources=self.sources, cwd=self.cwd, hostname=DEFAULT_HOSTNAME,
+                                               env=image.env, python_path=image.sys_path or [])
         try:
             with coverage_support.host_environment():
                 self.gateway = self.controller.group.makegateway(xspec)
@@ -120,8 +123,9 @@ class ContainerHost:
         if examples is not None:
             workerinput[hypothesis_support.WORKERINPUT_KEY] = examples
         self._send("start", entries=self.entries, args=self.args, option_dict=_plain_options(config.option),
-                   workerinput=workerinput, sys_path=list(sys.path), argv=list(sys.argv),
-                   collect=self.mode == "fork", shared=controller_shared(self))
+                   workerinput=workerinput, argv=list(sys.argv), collect=self.mode == "fork",
+                   shared=controller_shared(self), own_stdlib=image.sys_path is not None,
+                   sys_path=list(sys.path) if image.sys_path is None else image.sys_path)
         try:
             name, data = self._receive()
         except HostError as exc:

@@ -1,13 +1,22 @@
-"""Images: what a container's root filesystem is made of.
+"""Images: what a container's root filesystem is made of (``runtime/rootfs.py``
+explains the entry format and how entries are applied).
 
-Only the ``host`` image exists so far: a read-only view of the host made of binds
-(``runtime/rootfs.py`` explains the entry format and how entries are applied).
+- ``host``: a read-only view of the host, made of binds; the container host runs the
+  controller's own interpreter.
+- an OCI image (``oci:``, ``docker-archive:``; pulled into the store, oci/) or a plain
+  root filesystem (``dir:``): its layers stacked as overlay lower layers, the
+  project and the controller's Python packages (pytest, this plugin, the test's
+  dependencies) bound read-only at their own paths, and the image's own interpreter
+  of the controller's major.minor version (``image_python``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import site
+import stat
 import sys
 from typing import Iterable
 
@@ -72,7 +81,111 @@ def host_image(project_paths: Iterable[str]) -> list[dict]:
         # The project's files belong to whoever runs pytest: idmapped, they belong
         # to container root too when that is root (see rootfs.build_stage).
         entries.append({"type": "bind", "dst": path, "src": path, "ro": True, "idmap": path in project})
-    entries += [
+    return _pinned(entries + _system_entries()) + _dev_links()
+    return entries
+
+
+@dataclasses.dataclass
+class Image:
+    entries: list[dict]
+    python: str  # the interpreter the container host runs, as the image has it
+    env: dict[str, str] | None = None  # the image's environment (None: the controller's)
+    sys_path: list[str] | None = None  # the controller's paths the host imports from (None: all)
+
+
+class ImageProblem(Exception):
+    """An image tests cannot run in; the message says what was found and what to do."""
+
+
+# Where an image's interpreter is looked for, in this order (Docker's python images
+# have /usr/local/bin/python3, distributions /usr/bin/python3).
+PYTHON_CANDIDATES = ("/usr/local/bin/python3", "/usr/bin/python3", "/usr/local/bin/python", "/usr/bin/python")
+
+
+def _in_layers(layers: list[str], path: str) -> str | None:
+    """The host path of ``path`` in the merged view of ``layers`` (top first), without
+    following a symlink at its end; None if absent or whited out."""
+    for layer in layers:
+        candidate = layer + path
+        try:
+            st = os.lstat(candidate)
+        except OSError:
+            continue
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:  # a whiteout
+            return None
+        return candidate
+    return None
+
+
+def _resolve(layers: list[str], path: str, hops: int = 40) -> str | None:
+    """``path`` with its symlinks resolved inside the image (never on the host)."""
+    parts = [p for p in path.split("/") if p]
+    done = ""
+    while parts and hops > 0:
+        part = parts.pop(0)
+        if part == "..":
+            done = os.path.dirname(done)
+            continue
+        current = f"{done}/{part}"
+        found = _in_layers(layers, current)
+        if found is None:
+            return None
+        if os.path.islink(found):
+            hops -= 1
+            target = os.readlink(found)
+            parts = [p for p in target.split("/") if p] + parts
+            done = "" if target.startswith("/") else done
+            continue
+        done = current
+    return done if not parts else None
+
+
+def image_python(layers: list[str], what: str) -> str:
+    """The image's interpreter of the controller's major.minor, as a path in the image."""
+    want = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    found = []
+    for candidate in PYTHON_CANDIDATES:
+        resolved = _resolve(layers, candidate)
+        if resolved is None:
+            continue
+        match = re.search(r"python(\d+\.\d+)$", resolved)
+        version = match.group(1) if match else None
+        if version is None:  # a bare python3 binary: its stdlib names its version
+            for prefix in ("/usr/local", "/usr"):
+                if resolved.startswith(prefix + "/bin/"):
+                    for v in range(20, 5, -1):
+                        if _in_layers(layers, f"{prefix}/lib/python3.{v}/os.py"):
+                            version = f"3.{v}"
+                            break
+        if version == want:
+            return resolved
+        found.append(f"Python {version or '?'} ({resolved})")
+    if not found:
+        raise ImageProblem(f"{what} has no Python (looked for {', '.join(PYTHON_CANDIDATES)}): the container "
+                           f"host runs pytest with the image's interpreter; use an image with Python {want}")
+    raise ImageProblem(f"{what} has {', '.join(found)}, and pytest runs on Python {want}: run pytest with that "
+                       f"version (its pytest and plugins are then used inside), or use an image with Python {want}")
+
+
+def _controller_packages() -> list[str]:
+    """The controller's import paths but its standard library and interpreter: its
+    packages (site-packages, editable sources) and the project."""
+    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
+    kept = []
+    for path in python_paths():
+        real = os.path.realpath(path) if path else path
+        if not real or not os.path.isabs(real):
+            continue
+        if "site-packages" in real.split("/") or "dist-packages" in real.split("/"):
+            kept.append(real)
+        elif not any(real == p or real.startswith(p.rstrip("/") + "/") for p in prefixes):
+            kept.append(real)
+    return kept
+
+
+def _system_entries() -> list[dict]:
+    """/proc, /sys, /tmp, /dev and its devices: the same in every image."""
+    entries = [
         {"type": "proc", "dst": "/proc"},
         {"type": "sysfs", "dst": "/sys"},
         {"type": "tmpfs", "dst": "/tmp", "mode": "1777"},
@@ -80,21 +193,72 @@ def host_image(project_paths: Iterable[str]) -> list[dict]:
         {"type": "devpts", "dst": "/dev/pts"},
         {"type": "tmpfs", "dst": "/dev/shm", "mode": "1777"},
     ]
-    entries += [{"type": "dev", "dst": f"/dev/{d}", "src": f"/dev/{d}"} for d in DEVICES
-                if os.path.exists(f"/dev/{d}")]
+    return entries + [{"type": "dev", "dst": f"/dev/{d}", "src": f"/dev/{d}"} for d in DEVICES
+                      if os.path.exists(f"/dev/{d}")]
+
+
+def _dev_links() -> list[dict]:
+    return [
+        {"type": "symlink", "dst": "/dev/fd", "target": "/proc/self/fd"},
+        {"type": "symlink", "dst": "/dev/stdin", "target": "/proc/self/fd/0"},
+        {"type": "symlink", "dst": "/dev/stdout", "target": "/proc/self/fd/1"},
+        {"type": "symlink", "dst": "/dev/stderr", "target": "/proc/self/fd/2"},
+    ]
+
+
+def _pinned(entries: list[dict]) -> list[dict]:
     for entry in entries:  # what each host must find at these paths (runtime/paths.py)
         if entry["type"] in ("bind", "dev"):
             try:
                 entry["pin"] = list(paths.pin(entry["src"]))
             except OSError:
                 pass  # the host's own open (without symlinks) decides
-    entries += [
-        {"type": "symlink", "dst": "/dev/fd", "target": "/proc/self/fd"},
-        {"type": "symlink", "dst": "/dev/stdin", "target": "/proc/self/fd/0"},
-        {"type": "symlink", "dst": "/dev/stdout", "target": "/proc/self/fd/1"},
-        {"type": "symlink", "dst": "/dev/stderr", "target": "/proc/self/fd/2"},
-    ]
     return entries
+
+
+def layered_image(layers: list[str], image_env: list[str], project_paths: Iterable[str], what: str,
+                  idmap: bool = False) -> Image:
+    """An OCI image's or a root filesystem's entries: ``layers`` host directories,
+    top first (``idmap``: their files belong to host users, not to the container's)."""
+    python = image_python(layers, what)
+    project = _covering(project_paths)
+    packages = _covering(_controller_packages() + project)
+    entries = [{"type": "layers", "dst": "/", "layers": list(layers), "idmap": idmap}]
+    for path in packages:
+        if path in NOT_BINDABLE or any(path == p or path.startswith(p + "/") for p in ("/proc", "/sys", "/dev")):
+            continue
+        entries.append({"type": "bind", "dst": path, "src": path, "ro": True, "idmap": path in project})
+    env = dict(e.partition("=")[::2] for e in image_env if "=" in e)
+    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    return Image(_pinned(entries + _system_entries()) + _dev_links(), python, env, packages)
+
+
+def resolve(image: str, project_paths: list[str], pull: str = "missing") -> Image:
+    """The Image of a normalised reference; an OCI image is read into the store first
+    when it is missing there (``pull="missing"``), always, or never."""
+    from .oci import local, reference, store as store_module
+
+    ref = reference.parse(image)
+    if ref.transport == "host":
+        return Image(host_image(project_paths), sys.executable)
+    if ref.transport == "dir":
+        if not os.path.isdir(ref.path):
+            raise ImageProblem(f"{image}: {ref.path} is not a directory (dir: names a root filesystem)")
+        return layered_image([ref.path], [], project_paths, image, idmap=True)
+    store = store_module.for_this_user()
+    record = None if pull == "always" else store.image(str(ref))
+    if record is None:
+        if pull == "never":
+            raise ImageProblem(f"{image} is not in the image store ({store.root}) and --isolate-pull=never: "
+                               f"run `python -m pytest_isolate pull {image}` first")
+        try:
+            record = local.import_image(ref, store)
+        except (local.ImageError, store_module.StoreError) as exc:
+            raise ImageProblem(str(exc)) from None
+        except OSError as exc:
+            raise ImageProblem(f"{image}: {exc}") from None
+    layers = [store.layer_path(d) for d in reversed(record["layers"])]
+    return layered_image(layers, record.get("env") or [], project_paths, image)
 
 
 def unmountable(entries: list[dict], destination: str) -> str | None:

@@ -11,7 +11,7 @@ from .oci import local, reference, store
 
 
 def _store(args) -> store.Store:
-    return store.Store(args.cache)
+    return store.for_this_user(args.cache)
 
 
 def pull(args) -> int:

@@ -12,7 +12,7 @@ import re
 from typing import Any, Callable
 
 MODES = ("fork", "fresh")
-IMAGES = ("host",)
+PULL_POLICIES = ("missing", "always", "never")
 DEFAULT_HOSTNAME = "isolated"
 PID_MAX_LIMIT = 4194304  # the kernel's largest pids.max
 MAX_INT64 = (1 << 63) - 1
@@ -100,9 +100,13 @@ def parse_mode(value: Any, base: str) -> str:
 
 
 def parse_image(value: Any, base: str) -> str:
-    if value not in IMAGES:
-        raise OptionError(f"got {_show(value)}; accepted: 'host' (a read-only view of this host)")
-    return value
+    """An image reference (oci/reference.py), normalised: relative paths made absolute."""
+    from .oci import reference
+
+    try:
+        return str(reference.parse(value, base))
+    except reference.ReferenceError as exc:
+        raise OptionError(str(exc)) from None
 
 
 def parse_timeout(value: Any, base: str) -> float | None:
@@ -347,8 +351,8 @@ class Option:
 OPTIONS = (
     Option("mode", parse_mode, "fork: fork each container from a host that collected once "
            "(default); fresh: a fresh interpreter per test", "fork|fresh"),
-    Option("image", parse_image, "root filesystem of the containers (default: host, a "
-           "read-only view of this host)", "IMAGE"),
+    Option("image", parse_image, "root filesystem of the containers: host (default, a read-only "
+           "view of this host), oci:PATH[:TAG], docker-archive:PATH[:NAME:TAG] or dir:PATH", "IMAGE"),
     Option("timeout", parse_timeout, "seconds before a test's container is killed and the "
            "test fails (default: none)", "SECONDS"),
     Option("hostname", parse_hostname, f"hostname inside the containers (default: {DEFAULT_HOSTNAME})",

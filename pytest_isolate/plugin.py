@@ -29,6 +29,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="list the N isolated tests that used the most memory and CPU "
                     "(default: 5 with -v or when a test hit a limit, else none; 0: none)")
     parser.addini(shared_support.INI, type="linelist", default=[], help=shared_support.HELP)
+    group.addoption("--isolate-pull", dest="isolate_pull", metavar="missing|always|never", default=None,
+                    help="when to read an image into the image store: missing (default), always, never "
+                    "(as Docker's --pull)")
+    parser.addini("isolate_pull", default=None, help="like --isolate-pull")
     for option in opts.OPTIONS:
         group.addoption(option.flag, dest=f"isolate_{option.name}", metavar=option.metavar,
                         action="append" if option.multiple else "store", default=None,
@@ -60,6 +64,7 @@ class IsolatePlugin:
         self.controller = controller
         self.isolate_all = bool(config.getoption("isolate") or self._ini_switch())
         self.base_layers = [self._ini_layer(), self._cli_layer()]
+        controller.pull_policy = self._pull_policy()
         self.isolated_count = 0
         self.worker_lines: list[str] = []
         self.teardown_errors: list[str] = []  # of shared fixtures, also from xdist workers
@@ -73,6 +78,17 @@ class IsolatePlugin:
             raise pytest.UsageError(
                 f"ini key isolate {self._ini_source()}: {exc}; accepted: true or false"
             ) from None
+
+    def _pull_policy(self) -> str:
+        value = self.config.getoption("isolate_pull")
+        where = "command line --isolate-pull"
+        if value is None:
+            value, where = self.config.getini("isolate_pull"), f"ini key isolate_pull {self._ini_source()}"
+        if value in (None, ""):
+            return "missing"
+        if value not in opts.PULL_POLICIES:
+            raise pytest.UsageError(f"{where}: got {value!r}; accepted: {', '.join(map(repr, opts.PULL_POLICIES))}")
+        return value
 
     def _ini_source(self) -> str:
         inipath = self.config.inipath

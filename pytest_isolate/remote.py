@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import gc
 import os
+import site
 import sys
 import time
 
@@ -69,6 +70,7 @@ class Host:
         self.pipeline = pipeline.Pipeline(pipeline.InitFactory(link.Channel.from_fd(launched["factory_fd"])))
         self.masks = masks.system_path_masks()
         self.shared = shared_container.Shared()
+        self.ready = False
 
     def send(self, name: str, /, **fields) -> None:
         self.channel.send(link.message(name, **fields))
@@ -91,6 +93,8 @@ class Host:
     @pytest.hookimpl
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         self.items = {item.nodeid: item for item in session.items}
+        reporter.silence_session_output(self.start["session_output_fd"])
+        self.ready = True
         # Before anything is forked: every test inherits them (shared_container.py).
         self.shared.set_up(session, self.items, self.start["shared"])
         self.send("ready", collected=len(self.items), host_pid=process.outer_pid(), rss=_resident_bytes(),
@@ -202,9 +206,17 @@ def serve(channel) -> None:
         return
     _, start = link.read_text(channel.receive(), ("start",))
     try:
-        sys.path[:] = start["sys_path"]
+        if start["own_stdlib"]:  # an image's interpreter: its standard library, our packages
+            own = [p for p in sys.path if not {"site-packages", "dist-packages"} & set(p.split("/"))]
+            sys.path[:] = own + start["sys_path"]
+            for path in start["sys_path"]:
+                if {"site-packages", "dist-packages"} & set(path.split("/")):
+                    site.addsitedir(path)  # its .pth files: editable installs
+        else:
+            sys.path[:] = start["sys_path"]
+        start = dict(start, sys_path=list(sys.path))  # a fresh interpreter's (fresh.py)
         sys.argv[:] = start["argv"]  # e.g. doctest.testmod() reads '-v' from it
-        start = dict(start, session_output_fd=reporter.quiet_session_output(),
+        start = dict(start, session_output_fd=reporter.quiet_session_output(kept=True),
                      mode="fork" if start["collect"] else "fresh")
         config = reporter.make_config(start["option_dict"], start["args"], start["workerinput"])
         coverage_container.prepare(start["workerinput"])
@@ -214,7 +226,11 @@ def serve(channel) -> None:
     except Exception as exc:  # e.g. the project's pytest.toml unreadable in the image
         channel.send(link.message("host_error", message=_start_failure(exc, launched["notes"])))
         return
-    config.hook.pytest_cmdline_main(config=config)
+    status = config.hook.pytest_cmdline_main(config=config)
+    if not host.ready:  # pytest stopped before collecting: say why, not just EOF
+        output = reporter.session_output_tail(start["session_output_fd"])
+        channel.send(link.message("host_error", message=f"pytest stopped there before collecting "
+                                  f"(exit status {int(status) if status is not None else '?'}):\n{output}"))
 
 
 def _start_failure(exc: Exception, notes: list[str]) -> str:

@@ -35,16 +35,36 @@ def make_config(option_dict: dict, args: list[str], workerinput: dict) -> pytest
     return config
 
 
-def quiet_session_output() -> int:
-    """The session's own output (its terminal reporter) goes nowhere, while what a
-    test prints to fd 1 without capture (``-s``) reaches stderr, as under xdist.
-    Returns the fd the session writes to, which containers must keep."""
+def quiet_session_output(kept: bool = False) -> int:
+    """The session's own output (its terminal reporter) goes nowhere (``kept``: into
+    a memfd, until silence_session_output()), while what a test prints to fd 1
+    without capture (``-s``) reaches stderr, as under xdist. Returns the fd the
+    session writes to, which containers must keep."""
     os.dup2(2, 1)
-    sys.stdout = open(os.devnull, "w")
+    if kept:  # why pytest stopped before it collected, if it does
+        sys.stdout = os.fdopen(os.memfd_create("pytest-isolate-session-output"), "w+", buffering=1)
+    else:
+        sys.stdout = open(os.devnull, "w")
     # Warnings shown outside a test (pytest records those of a test) would land in
     # the controller's progress line: the controller's own session shows its own.
     warnings.showwarning = _show_no_warning
     return sys.stdout.fileno()
+
+
+def session_output_tail(fd: int, lines: int = 40) -> str:
+    """The last lines the session wrote into its kept output."""
+    sys.stdout.flush()
+    size = os.fstat(fd).st_size
+    data = os.pread(fd, 65536, max(0, size - 65536)).decode("utf-8", "replace")
+    return "\n".join(data.strip().splitlines()[-lines:])
+
+
+def silence_session_output(fd: int) -> None:
+    """From now on the session's output goes nowhere (a test process inherits it)."""
+    sys.stdout.flush()
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, fd)
+    os.close(null)
 
 
 def _show_no_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -18,7 +18,7 @@ import tarfile
 import pytest
 
 from pytest_isolate.oci import local, reference
-from pytest_isolate.oci.store import Store
+from pytest_isolate.oci.store import Store, for_this_user
 
 ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
 
@@ -88,7 +88,7 @@ def test_an_oci_layout_by_tag(layout, store) -> None:
     assert store.image(f"oci:{layout.path}:v2") == record
     first = pull(f"oci:{layout.path}:v1", store)
     assert first["layers"][0] == record["layers"][0]  # the shared base layer is unpacked once
-    assert len(os.listdir(os.path.join(store.root, "layers", "sha256"))) == 3
+    assert len(os.listdir(store.layers)) == 3
     with pytest.raises(local.ImageError, match=r"has no image tagged 'v3'; tags: v1, v2"):
         pull(f"oci:{layout.path}:v3", store)
     with pytest.raises(local.ImageError, match=r"holds 2 images: name one with oci:PATH:TAG; tags: v1, v2"):
@@ -128,7 +128,7 @@ def test_a_corrupt_layer_blob_or_a_wrong_diff_id_stores_nothing(layout, store) -
     layout.tag(layout.image([{"file": b"x"}], diff_ids=["sha256:" + "1" * 64]), "lying")
     with pytest.raises(local.ImageError, match="not to its diff_id sha256:1111"):
         pull(f"oci:{layout.path}:lying", store)
-    assert os.listdir(os.path.join(store.root, "layers", "sha256")) == []
+    assert os.listdir(store.layers) == []
     assert os.listdir(os.path.join(store.root, "tmp")) == [] and store.images() == []
 
 
@@ -170,7 +170,7 @@ def test_pull_images_and_prune_from_the_shell(layout, tmp_path) -> None:
     assert "removed 0 unused entries" in cli("prune", cache=cache).stdout
     Store(str(cache)).forget(f"oci:{layout.path}:latest")
     assert "removed 4 unused entries" in cli("prune", cache=cache).stdout  # 2 layers, manifest, config
-    assert os.listdir(cache / "layers" / "sha256") == []
+    assert os.listdir(for_this_user(str(cache)).layers) == []
 
 
 def test_concurrent_pulls_share_one_store(layout, tmp_path) -> None:
@@ -179,7 +179,7 @@ def test_concurrent_pulls_share_one_store(layout, tmp_path) -> None:
     pulls = [subprocess.Popen([sys.executable, "-m", "pytest_isolate", "pull", "-q", f"oci:{layout.path}:big",
                                "--cache", str(cache)], stderr=subprocess.PIPE, text=True) for _ in range(4)]
     assert [p.wait(300) for p in pulls] == [0] * 4, [p.stderr.read() for p in pulls]
-    assert len(os.listdir(cache / "layers" / "sha256")) == 2 and os.listdir(cache / "tmp") == []
+    assert len(os.listdir(for_this_user(str(cache)).layers)) == 2 and os.listdir(cache / "tmp") == []
 
 
 @pytest.mark.needs_root

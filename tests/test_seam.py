@@ -143,7 +143,7 @@ def test_a_failing_mount_stops_the_build_with_its_description(test_root):
 def test_an_unknown_entry_type_is_a_value_error_naming_it(test_root):
     with syscalls.recording(), pytest.raises(ValueError, match=r"unknown image entry type 'squashfs' \(on /opt\)"):
         rootfs.build_test_root(IMAGE + [{"type": "squashfs", "dst": "/opt"}], [])
-    assert set(rootfs.TYPES) == {"bind", "dev", "symlink", "tmpfs", "devpts", "proc", "sysfs", "overlay"}
+    assert set(rootfs.TYPES) == {"bind", "dev", "symlink", "tmpfs", "devpts", "proc", "sysfs", "overlay", "layers"}
 
 
 def test_an_overlay_entry_layers_a_stage_directory_inside_the_test_tmp(test_root):

@@ -150,13 +150,13 @@ def test_a_host_that_cannot_start_pytest_reports_why_with_the_stage_notes(monkey
     class Channel:
         def receive(self):
             return link.to_text("start", sys_path=list(sys.path), argv=list(sys.argv), option_dict={}, args=[],
-                                workerinput={}, entries=[], collect=True, shared=[])
+                                workerinput={}, entries=[], collect=True, shared=[], own_stdlib=False)
 
         def send(self, message):
             sent.append(message)
 
     monkeypatch.setattr(remote.reporter, "make_config", unreadable)
-    monkeypatch.setattr(remote.reporter, "quiet_session_output", lambda: 1)
+    monkeypatch.setattr(remote.reporter, "quiet_session_output", lambda kept=False: 1)
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     monkeypatch.setenv(launch.LAUNCHED_ENV, link.to_text(

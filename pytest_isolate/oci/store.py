@@ -139,10 +139,18 @@ def _zstd(stream) -> Iterator[BinaryIO]:
 
 
 class Store:
-    def __init__(self, root: str | None = None) -> None:
+    """``owner`` maps an image's (uid, gid) to the owner a layer's files get (None:
+    the unpacker's own); layers unpacked for different owners live apart
+    (``layers/<owner_key>/``), so root's and a user's runs may share a store."""
+
+    def __init__(self, root: str | None = None, owner: unpack.Owner | None = None, owner_key: str = "user") -> None:
         self.root = os.path.abspath(root or default_root())
-        for sub in ("blobs/sha256", "layers/sha256", "images", "tmp", "locks"):
+        self.owner = owner
+        self.layers = os.path.join(self.root, "layers", owner_key, "sha256")
+        for sub in ("blobs/sha256", "images", "tmp", "locks"):
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+        os.makedirs(self.layers, exist_ok=True)
+        self.owner_key = owner_key
 
     # -- locks and atomic writes ----------------------------------------------------------
 
@@ -198,17 +206,17 @@ class Store:
     # -- layers -----------------------------------------------------------------------------
 
     def layer_path(self, diff_id: str) -> str:
-        return os.path.join(self.root, "layers", "sha256", hex_of(diff_id, "a layer's diff_id"))
+        return os.path.join(self.layers, hex_of(diff_id, "a layer's diff_id"))
 
     def has_layer(self, diff_id: str) -> bool:
         return os.path.isdir(self.layer_path(diff_id))
 
-    def add_layer(self, stream: BinaryIO, diff_id: str, what: str, owner: unpack.Owner | None = None,
+    def add_layer(self, stream: BinaryIO, diff_id: str, what: str,
                   max_bytes: int = unpack.DEFAULT_MAX_BYTES) -> str:
         """Unpack a (compressed) layer stream unless its diff_id is stored; its path.
         The caller checks the blob's own digest after this returned (Verified.check)."""
         target = self.layer_path(diff_id)
-        with self.lock("layer-" + hex_of(diff_id)):
+        with self.lock(f"layer-{self.owner_key}-{hex_of(diff_id)}"):
             if os.path.isdir(target):
                 return target
             with self.temporary("layer") as tmp:
@@ -216,7 +224,7 @@ class Store:
                 os.mkdir(root, 0o755)
                 try:
                     with decompressed(stream) as tar:
-                        got, _ = unpack.unpack_layer(tar, root, owner, max_bytes)
+                        got, _ = unpack.unpack_layer(tar, root, self.owner, max_bytes)
                 except unpack.LayerError as exc:
                     raise StoreError(f"{what}: refused: {exc}") from None
                 except (OSError, EOFError, ValueError) as exc:  # gzip/zstd: corrupt data
@@ -275,13 +283,15 @@ class Store:
             used_layers.update(hex_of(d) for d in record.get("layers", []) if DIGEST.match(str(d)))
             used_blobs.update(hex_of(d) for d in (record.get("manifest"), record.get("config")) if DIGEST.match(str(d)))
         removed = freed = 0
-        for kind, used in (("layers", used_layers), ("blobs", used_blobs)):
-            folder = os.path.join(self.root, kind, "sha256")
-            for name in os.listdir(folder):
+        folders = [(os.path.join(self.root, "blobs", "sha256"), used_blobs, "blob-")]
+        layers = os.path.join(self.root, "layers")
+        folders += [(os.path.join(layers, key, "sha256"), used_layers, f"layer-{key}-") for key in os.listdir(layers)]
+        for folder, used, lock in folders:
+            for name in os.listdir(folder) if os.path.isdir(folder) else ():
                 if name in used:
                     continue
                 path = os.path.join(folder, name)
-                with self.lock(("layer-" if kind == "layers" else "blob-") + name):
+                with self.lock(lock + name):
                     freed += tree_size(path)
                     remove_tree(path)
                     removed += 1
@@ -304,8 +314,7 @@ class Store:
         return removed, freed
 
     def layer_sizes(self) -> dict[str, int]:
-        folder = os.path.join(self.root, "layers", "sha256")
-        return {"sha256:" + name: tree_size(os.path.join(folder, name)) for name in os.listdir(folder)}
+        return {"sha256:" + name: tree_size(os.path.join(self.layers, name)) for name in os.listdir(self.layers)}
 
 
 def tree_size(path: str) -> int:
@@ -346,3 +355,19 @@ def remove_tree(path: str) -> None:
     elif os.path.lexists(path):
         os.unlink(path)
 
+
+
+def for_this_user(root: str | None = None) -> Store:
+    """The store as this user's runs use it. As root, an image's uids and gids land in
+    the containers' unprivileged range (user_ns.root_mapping); rootless, every file
+    is the user's, which is container root's."""
+    if os.geteuid() != 0:
+        return Store(root)
+    from ..runtime import user_ns
+
+    (uid_base, uid_count), (gid_base, gid_count) = user_ns.root_mapping()
+
+    def owner(uid: int, gid: int) -> tuple[int, int]:
+        return (uid_base + (uid if 0 <= uid < uid_count else 0), gid_base + (gid if 0 <= gid < gid_count else 0))
+
+    return Store(root, owner, f"root-{uid_base}")

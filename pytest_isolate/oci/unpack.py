@@ -149,6 +149,10 @@ class _Layer:
             fd = self.parent(parts, member)
             try:
                 os.setxattr(fd, OPAQUE_XATTR, b"y")
+                # Whiteouts there are redundant now, and overlayfs would list them.
+                for name in os.listdir(fd):
+                    if _is_whiteout(name, fd):
+                        os.unlink(name, dir_fd=fd)
             finally:
                 os.close(fd)
             return
@@ -158,7 +162,7 @@ class _Layer:
                 raise LayerError(f"{member!r} is not a valid whiteout")
             fd = self.parent(parts, member)
             try:
-                if not _exists(hidden, fd):  # a file of this same layer stays
+                if not _exists(hidden, fd) and not _is_opaque(fd):  # this layer's own file stays
                     os.mknod(hidden, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=fd)
             except PermissionError:
                 raise LayerError(f"{member!r}: this kernel refuses overlay whiteouts here") from None
@@ -240,6 +244,18 @@ class _Layer:
                 os.utime(name, (info.mtime, info.mtime), dir_fd=fd, follow_symlinks=False)
             finally:
                 os.close(fd)
+
+
+def _is_whiteout(name: str, dir_fd: int) -> bool:
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def _is_opaque(fd: int) -> bool:
+    try:
+        return os.getxattr(fd, OPAQUE_XATTR) == b"y"
+    except OSError:
+        return False
 
 
 def _exists(name: str, dir_fd: int) -> bool:

@@ -29,14 +29,20 @@ from . import factory, link, namespaces, network, process, rootfs, syscalls, use
 LAUNCHED_ENV = "PYTEST_ISOLATE_LAUNCHED"
 
 
-def launcher_command(python: str, **spec) -> str:
-    """The ``python=`` value for an execnet popen spec (it is shell-split)."""
-    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def launcher_command(python: str, host_python: str | None = None, **spec) -> str:
+    """The ``python=`` value for an execnet popen spec (it is shell-split). The
+    launcher runs ``python`` here; the host execs ``host_python`` in the stage (an
+    image's own interpreter), by default the same."""
     bootstrap = (
-        f"import sys; sys.path.insert(0, {package_parent!r}); "
+        f"import sys; sys.path.insert(0, {PACKAGE_PARENT!r}); "
         "from pytest_isolate.runtime.launch import main; main()"
     )
-    parts = [python, "-S", "-c", bootstrap, "--spec", link.to_text("spec", **spec), "--exec", python]
+    spec.setdefault("env", None)
+    spec["python_path"] = [PACKAGE_PARENT] + spec.get("python_path", []) if spec["env"] is not None else []
+    parts = [python, "-S", "-c", bootstrap, "--spec", link.to_text("spec", **spec), "--exec", host_python or python]
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -113,6 +119,14 @@ def enter_host(spec: dict, launched: dict) -> None:
     syscalls.unshare(namespaces.HOST_LATE_FLAGS)
     network.bring_up_loopback()
     socket.sethostname(spec["hostname"])
+    if spec["env"] is not None:
+        # An image's interpreter: the image's environment, not the controller's (its
+        # PYTHONHOME or venv would point it at another Python); it imports pytest and
+        # this plugin from the controller's packages, bound at their own paths.
+        for name in [n for n in os.environ if n.startswith("PYTHON") or n == "VIRTUAL_ENV"]:
+            del os.environ[name]
+        os.environ.update(spec["env"])
+        os.environ["PYTHONPATH"] = ":".join(spec["python_path"])
     # Temporary files go to the containers' own /tmp, not to a host path they lack.
     os.environ["TMPDIR"] = "/tmp"
     os.environ.pop("PYTEST_DEBUG_TEMPROOT", None)

@@ -52,7 +52,8 @@ _OPT_NUM = (int, float, type(None))
 # name -> {field: type(s)}. Fields not named here are refused; all named ones required.
 MESSAGES: dict[str, dict[str, object]] = {
     # launcher: argv in (the spec), environment out (what the host must know)
-    "spec": {"entries": list, "sources": list, "cwd": str, "hostname": str},
+    "spec": {"entries": list, "sources": list, "cwd": str, "hostname": str,
+             "env": (dict, type(None)), "python_path": list},  # env: an image's own, replacing ours
     "launched": {"error": _OPT_STR, "notes": list, "factory_fd": (int, type(None)), "mounts_unlocked": _OPT_STR},
     # host <-> factory (namespace fds and init's pidfd come with "built")
     "build": {"id": int, "mounts": list, "hostname": str},
@@ -79,7 +80,7 @@ MESSAGES: dict[str, dict[str, object]] = {
     "hypothesis_write": {"op": _ANY, "path": _ANY, "key": _ANY, "value": _ANY, "dest": _ANY},
     # controller -> host
     "start": {"entries": list, "args": list, "option_dict": dict, "workerinput": dict, "sys_path": list,
-              "argv": list, "collect": bool, "shared": list},
+              "argv": list, "collect": bool, "shared": list, "own_stdlib": bool},
     "run": {"nodeid": str, "mode": str, "timeout": _OPT_NUM, "fresh_arg": str, "seccomp_programs": list,
             "in_zygote": bool, "events_cap": int, "capture_cap": int, "container_config": dict},
     "zygote": {},

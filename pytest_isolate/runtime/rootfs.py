@@ -9,13 +9,17 @@ An image is a list of *entries* (plain dicts, so they cross execnet and JSON):
     {"type": "devpts",  "dst": "/dev/pts"}
     {"type": "proc",    "dst": "/proc"}
     {"type": "overlay", "dst": "/tmp/x", "src": "/tmp/x"}   (test roots only)
+    {"type": "layers",  "dst": "/", "layers": ["/cache/layers/top", ..., "/cache/layers/base"]}
 
 The same entries are applied twice:
 
 1. ``build_stage`` (once per container host, from host paths): a tmpfs holding the
    image skeleton with every bind at its own path. The container host pivots into it.
+   With a ``layers`` entry (an OCI image) the stage's root is instead an overlay of
+   those layers (read-only once built), and each layer is also bound at
+   ``LAYERS/<n>`` for the test roots.
 2. ``build_test_root`` (once per test, inside the host): a copy-on-write overlay whose
-   lower layer is the stage's root directory, then every bind again, now taken from the
+   lower layers are the skeleton (and an image's layers), then every bind again, now taken from the
    stage, plus fresh tmpfs, /dev and devpts mounts. Nothing written there outlives the
    test's mount namespace.
 
@@ -47,6 +51,8 @@ SOURCES = "/.pytest-isolate-sources"
 LOWER = "/.pytest-isolate-lower"
 # Where build_test_root mounts a test's root, before the test pivots into it.
 TEST_ROOT = SCRATCH + "/root"
+# Where an image's layers wait in the stage, top first: 0, 1, ...
+LAYERS = "/.pytest-isolate-layers"
 
 # The mount point the stage tmpfs is attached to in the launcher's private mount
 # namespace. Every host path is opened before it is covered (see build_stage).
@@ -226,6 +232,10 @@ def _test_overlay(build: _Build, entry: dict) -> None:
                    f"lowerdir={entry['src']},upperdir={upper},workdir={work},userxattr")
 
 
+def _nothing(build: _Build, entry: dict) -> None:
+    pass
+
+
 def _test_root_only(build: _Build, entry: dict) -> None:
     raise ValueError(f"a {entry['type']!r} entry (on {entry.get('dst')}) belongs to a test's root, not an image")
 
@@ -254,6 +264,7 @@ _STEPS = {
     "proc":    _Steps(_directory,    _host_fs,    _directory),  # mount_proc mounts it later
     "sysfs":   _Steps(_directory,    _host_fs,    _sysfs),
     "overlay": _Steps(_test_root_only, _test_root_only, _test_overlay),
+    "layers":  _Steps(_nothing, _nothing, _nothing),  # the stage's and the test roots' overlays
 }
 TYPES = tuple(_STEPS)
 
@@ -317,7 +328,11 @@ def build_stage(
          "pin": s.get("pin")}
         for i, s in enumerate(sources)
     ]
+    layered = next((e for e in entries if e["type"] == "layers"), None)
+    layer_fds = []
     try:
+        for layer in (layered or {}).get("layers", []):
+            layer_fds.append(os.open(layer, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
         for entry in entries + source_entries:
             if _steps(entry).binds:
                 try:
@@ -330,7 +345,11 @@ def build_stage(
         stage.notes += _unwritable_sources(source_entries, stage.fds, owner)
         _tmpfs(STAGE_ATTACH, "755")
         os.lchown(STAGE_ATTACH, *owner)
-        skeleton = dataclasses.replace(stage, root=_join(STAGE_ATTACH, LOWER))
+        if layer_fds and layered.get("idmap") and userns_fd is not None:
+            layer_fds = _idmapped_layers(layer_fds, userns_fd)
+        if layer_fds:
+            stage.root = _image_root(layer_fds, owner)
+        skeleton = dataclasses.replace(stage, root=_join(stage.root, LOWER))
         _makedirs(skeleton.root, owner)
         _tmpfs(skeleton.root, "755")
         os.lchown(skeleton.root, *owner)
@@ -338,24 +357,58 @@ def build_stage(
             if not entry["dst"].startswith(SOURCES + "/"):
                 _steps(entry).skeleton(skeleton, entry)
             _steps(entry).stage(stage, entry)
-        _makedirs(_join(STAGE_ATTACH, SCRATCH), owner)
-        _install_tiny_init(owner)
+        for i, fd in enumerate(layer_fds):  # for the test roots' overlays
+            target = _join(stage.root, f"{LAYERS}/{i}")
+            _makedirs(target, owner)
+            _bind(f"/proc/self/fd/{fd}", target, True, MS_NOSUID | MS_NODEV)
+        _makedirs(_join(stage.root, SCRATCH), owner)
+        _install_tiny_init(owner, stage.root)
         syscalls.mount(None, skeleton.root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
     finally:
-        for fd in stage.fds.values():
+        for fd in list(stage.fds.values()) + layer_fds:
             os.close(fd)
-    pivot_into(STAGE_ATTACH)
+    pivot_into(stage.root)
     # The skeleton itself is never written after this: each test writes to its overlay.
     syscalls.mount(None, "/", None, MS_BIND | MS_REMOUNT | MS_RDONLY | mountinfo.locked_flags("/"))
     return stage.notes
 
 
-def _install_tiny_init(owner: tuple[int, int]) -> None:
+def _idmapped_layers(layer_fds: list[int], userns_fd: int) -> list[int]:
+    """As root, a plain root filesystem (``dir:``) belongs to host uids that container
+    root is not: through idmapped binds its files belong to the container's users
+    (host root's to container root), which overlayfs needs to copy them up. An OCI
+    image's layers need none: they were unpacked with the container's uids."""
+    mapped = []
+    for i, fd in enumerate(layer_fds):
+        target = _join(STAGE_ATTACH, f"/.idmapped/{i}")
+        _makedirs(target)
+        attrs = syscalls.MOUNT_ATTR_NOSUID | syscalls.MOUNT_ATTR_NODEV | syscalls.MOUNT_ATTR_RDONLY
+        syscalls.idmapped_bind(fd, target, userns_fd, attrs)
+        mapped.append(os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        os.close(fd)
+    return mapped
+
+
+def _image_root(layer_fds: list[int], owner: tuple[int, int]) -> str:
+    """The stage's root for an image: its layers (top first) under an upper layer on
+    the stage tmpfs, writable while the stage is built (mount points), read-only after.
+    ``userxattr``: opaque directories are marked as a user namespace can read them."""
+    upper, work, root = (_join(STAGE_ATTACH, d) for d in ("/.image-upper", "/.image-work", "/image"))
+    for d in (upper, work, root):
+        os.mkdir(d, 0o755)
+        os.lchown(d, *owner)
+    lower = ":".join(f"/proc/self/fd/{fd}" for fd in layer_fds)
+    syscalls.mount("overlay", root, "overlay", MS_NOSUID | MS_NODEV,
+                   f"lowerdir={lower},upperdir={upper},workdir={work},userxattr")
+    return root
+
+
+def _install_tiny_init(owner: tuple[int, int], root: str = STAGE_ATTACH) -> None:
     """The containers' init (tiny_init.py), where the factory spawns it from."""
     program = tiny_init.program()
     if program is None:
         return
-    path = _join(STAGE_ATTACH, tiny_init.PATH)
+    path = _join(root, tiny_init.PATH)
     _makedirs(os.path.dirname(path), owner)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o755)
     try:
@@ -400,9 +453,11 @@ def build_test_root(entries: list[dict], mounts: list[dict]) -> str:
     for d in (upper, work, root):
         os.mkdir(d)
     # Overlay layers never include submounts: the binds are bound again below.
+    layered = next((e for e in entries if e["type"] == "layers"), None)
+    lower = ":".join([LOWER] + [f"{LAYERS}/{i}" for i in range(len(layered["layers"]) if layered else 0)])
     syscalls.mount(
         "overlay", root, "overlay", MS_NOSUID,
-        f"lowerdir={LOWER},upperdir={upper},workdir={work},userxattr",
+        f"lowerdir={lower},upperdir={upper},workdir={work},userxattr",
     )
     build = _Build(root)
     for entry in ordered(entries + mounts):

@@ -1,0 +1,163 @@
+"""Tests that run inside images: a plain root filesystem (``dir:``) and an OCI image
+(``oci:``) holding this machine's system Python, built here (imagebuild.py), in both
+modes, as root and (in the rootless lane) as a user. The image is what the test
+sees: its files, its interpreter, its environment; each test writes to its own
+copy-on-write layer; the host's files are not there."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+import imagebuild
+
+pytestmark = pytest.mark.skipif(imagebuild.can_build() is not None, reason=str(imagebuild.can_build()))
+
+MODES = ["fork", "fresh"]
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+INSIDE = """
+import os, sys, pytest
+
+IMAGE = {image!r}
+
+@pytest.mark.isolated(image=IMAGE)
+@pytest.mark.parametrize("n", range(2))
+def test_sees_the_image(n, tmp_path):
+    assert "pytest-isolate test image" in open("/etc/os-release").read()
+    assert os.path.realpath(sys.executable) == "/usr/bin/python{version}"
+    assert not os.path.exists("/usr/bin/apt") and not os.path.exists("/usr/bin/dpkg")  # the host's
+    assert os.environ["PATH"] == {path!r}  # the image's environment (dir: has none: Docker's default)
+    assert not os.path.exists("/srv/written-by-a-test")  # by the other one
+    open("/srv/written-by-a-test", "w").write(str(n))   # its own copy-on-write layer
+    (tmp_path / "out").write_text("ok")
+
+@pytest.mark.isolated
+def test_the_host_image_beside_it():
+    assert os.path.exists("{host_file}")
+"""
+
+
+@pytest.fixture(scope="session")
+def python_root(tmp_path_factory) -> str:
+    return imagebuild.python_rootfs(str(tmp_path_factory.mktemp("image") / "rootfs"))
+
+
+@pytest.fixture(scope="session")
+def python_layout(tmp_path_factory, python_root) -> str:
+    """An OCI layout: the root filesystem, then a layer that removes /etc/group and adds /etc/motd."""
+    path = str(tmp_path_factory.mktemp("layout") / "layout")
+    layers = [imagebuild.layer_of_directory(python_root),
+              imagebuild.layer_of_files({"etc/group": None, "etc/motd": b"second layer\n"})]
+    return imagebuild.oci_layout(path, "py", layers)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> str:
+    path = str(tmp_path / "cache")
+    monkeypatch.setenv("PYTEST_ISOLATE_CACHE", path)
+    return path
+
+
+def host_file() -> str:
+    return next(p for p in ("/usr/bin/apt", "/usr/bin/dpkg", "/usr/bin/env") if os.path.exists(p))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_root_filesystem(pytester, run, python_root, mode) -> None:
+    pytester.makepyfile(test_inside=INSIDE.format(image=f"dir:{python_root}", version=imagebuild.VERSION,
+                                                  host_file=host_file(), path=DEFAULT_PATH))
+    result = run(f"--isolate-mode={mode}", "-v")
+    result.assert_outcomes(passed=3)
+    assert f"container host ({mode} mode, image dir:{python_root})" in result.stdout.str()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_oci_image_with_a_whiteout(pytester, run, python_layout, cache, mode) -> None:
+    pytester.makepyfile(test_inside=INSIDE.format(image=f"oci:{python_layout}:py", version=imagebuild.VERSION,
+                                                  host_file=host_file(), path="/usr/bin:/bin"), test_layers=f"""
+import os, pytest
+
+@pytest.mark.isolated(image="oci:{python_layout}:py")
+def test_the_second_layer():
+    assert not os.path.exists("/etc/group")       # whited out
+    assert open("/etc/motd").read() == "second layer\\n"
+""")
+    result = run(f"--isolate-mode={mode}")
+    result.assert_outcomes(passed=4)
+    assert os.listdir(os.path.join(cache, "tmp")) == []
+
+
+def test_pull_policies_and_the_cli(pytester, run, python_layout, cache) -> None:
+    image = f"oci:{python_layout}:py"
+    pytester.makepyfile(test_one=f"""
+import pytest
+
+@pytest.mark.isolated(image={image!r})
+def test_one():
+    pass
+""")
+    never = run("--isolate-pull=never")
+    assert never.ret == pytest.ExitCode.USAGE_ERROR
+    never.stderr.fnmatch_lines([f"ERROR: test_one.py::test_one: invalid 'image': {image} is not in the image store "
+                                f"({cache}) and --isolate-pull=never: run `python -m pytest_isolate pull {image}` first"])
+    pulled = pytester.run(sys.executable, "-m", "pytest_isolate", "pull", image)  # the CI step
+    assert pulled.ret == 0, pulled.stderr.str()
+    run("--isolate-pull=never").assert_outcomes(passed=1)
+    run("-o", "isolate_pull=always").assert_outcomes(passed=1)
+    bad = run("--isolate-pull=sometimes")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["ERROR: command line --isolate-pull: got 'sometimes'; accepted: 'missing', 'always', "
+                              "'never'"])
+
+
+def test_an_image_without_the_right_python_is_a_usage_error(pytester, run, tmp_path, cache) -> None:
+    layout = str(tmp_path / "layout")
+    imagebuild.oci_layout(layout, "none", [imagebuild.layer_of_files({"etc/os-release": b"x\n"})])
+    imagebuild.oci_layout(layout, "other", [imagebuild.layer_of_files({
+        "usr/bin/python3.99": b"", "usr/lib/python3.99/os.py": b""})])
+    pytester.makepyfile(test_images=f"""
+import pytest
+
+@pytest.mark.isolated(image="oci:{layout}:none")
+def test_none():
+    pass
+""")
+    result = run()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: test_images.py::test_none: invalid 'image': oci:{layout}:none has no "
+                                 "Python (looked for /usr/local/bin/python3, /usr/bin/python3, *): the container "
+                                 f"host runs pytest with the image's interpreter; use an image with Python "
+                                 f"{imagebuild.VERSION}"])
+    pytester.makepyfile(test_images=f"""
+import pytest
+
+@pytest.mark.isolated(image="oci:{layout}:other")
+def test_other():
+    pass
+""")
+    # /usr/bin/python3 is no symlink here: the version comes from the stdlib beside it.
+    os.symlink("python3.99", tmp_path / "python3")
+    result = run()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "has no Python" in result.stderr.str()  # python3.99 alone is not a candidate name
+
+
+@pytest.mark.parametrize("value, message", [
+    ("debian:12", "invalid 'image': unknown transport in 'debian:12' (did you mean 'docker://debian:12'?)*"),
+    ("oci:", "invalid 'image': 'oci:' names no path*"),
+    ("dir:/nonexistent/rootfs", "invalid 'image': dir:/nonexistent/rootfs: /nonexistent/rootfs is not a directory*"),
+])
+def test_bad_image_references_are_usage_errors(pytester, run, value, message) -> None:
+    pytester.makepyfile(test_bad=f"""
+import pytest
+
+@pytest.mark.isolated(image={value!r})
+def test_bad():
+    pass
+""")
+    result = run()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: *{message}"])
