@@ -79,7 +79,7 @@ def host_image(project_paths: Iterable[str]) -> list[dict]:
         if any(path == p or path.startswith(p + "/") for p in ("/proc", "/sys", "/dev")):
             continue
         # The project's files belong to whoever runs pytest: idmapped, they belong
-        # to container root too when that is root (see rootfs.build_stage).
+        # to container root too when that is root (see runtime/stage.py).
         entries.append({"type": "bind", "dst": path, "src": path, "ro": True, "idmap": path in project})
     return _pinned(entries + _system_entries()) + _dev_links()
     return entries

@@ -14,7 +14,7 @@ import re
 
 import pytest
 
-from pytest_isolate.runtime import capabilities, masks as masks_module, mountinfo, rootfs, syscalls
+from pytest_isolate.runtime import capabilities, masks as masks_module, mountinfo, rootfs, stage as stage_module, syscalls
 from pytest_isolate.runtime.syscalls import (
     MNT_DETACH, MOUNT_ATTR_IDMAP, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY, MS_BIND,
     MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, MS_REMOUNT,
@@ -192,7 +192,7 @@ def test_mask_system_paths_mounts_one_empty_tmpfs_and_binds_it_over_other_dirs(t
 def test_build_stage_mounts_the_skeleton_binds_and_idmaps_then_pivots(tmp_path, monkeypatch):
     stage = str(tmp_path / "stage")
     os.mkdir(stage)
-    monkeypatch.setattr(rootfs, "STAGE_ATTACH", stage)
+    monkeypatch.setattr(stage_module, "STAGE_ATTACH", stage)
     monkeypatch.chdir(tmp_path)  # pivot_into ends in "/": restored after the test
     data = tmp_path / "data"
     data.mkdir()
@@ -200,7 +200,7 @@ def test_build_stage_mounts_the_skeleton_binds_and_idmaps_then_pivots(tmp_path, 
                                                  "/dev/pts")]
     owner = (os.getuid(), os.getgid())
     with syscalls.recording() as calls:
-        notes = rootfs.build_stage(entries, [{"src": str(data), "ro": True}], owner, userns_fd=99)
+        notes = stage_module.build_stage(entries, [{"src": str(data), "ro": True}], owner, userns_fd=99)
     assert notes == []
     lower, source = stage + rootfs.LOWER, stage + rootfs.source_path(0)
     tmpfs = MS_NOSUID | MS_NODEV
@@ -237,7 +237,7 @@ def test_build_stage_mounts_the_skeleton_binds_and_idmaps_then_pivots(tmp_path, 
 def test_build_stage_falls_back_to_a_plain_bind_with_a_note_when_idmapping_fails(tmp_path, monkeypatch):
     stage = str(tmp_path / "stage")
     os.mkdir(stage)
-    monkeypatch.setattr(rootfs, "STAGE_ATTACH", stage)
+    monkeypatch.setattr(stage_module, "STAGE_ATTACH", stage)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
 
@@ -245,7 +245,7 @@ def test_build_stage_falls_back_to_a_plain_bind_with_a_note_when_idmapping_fails
         return errno.EINVAL if name == "mount_setattr" else None
 
     with syscalls.recording(no_idmap) as calls:
-        notes = rootfs.build_stage([], [{"src": str(tmp_path / "data"), "ro": True}],
+        notes = stage_module.build_stage([], [{"src": str(tmp_path / "data"), "ro": True}],
                                    (os.getuid(), os.getgid()), userns_fd=99)
     assert len(notes) == 1 and notes[0].startswith(f"{tmp_path / 'data'} is not idmapped (")
     assert "Invalid argument" in notes[0]
@@ -340,3 +340,44 @@ def test_this_process_mountinfo_parses():
     mounts = mountinfo.read()
     assert any(m.mount_point == "/proc" and m.fs_type == "proc" for m in mounts)
     assert len({m.mount_id for m in mounts}) == len(mounts)
+
+
+def test_build_stage_of_an_image_overlays_its_layers_and_binds_them_for_the_test_roots(tmp_path, monkeypatch):
+    """An OCI image (a ``layers`` entry): the stage's root is an overlay of its layers
+    (fds opened before the stage tmpfs covers anything), each layer bound read-only at
+    LAYERS/n, and the launcher pivots into that overlay; a dir: image's layer is
+    idmapped first, as root."""
+    stage = str(tmp_path / "stage")
+    os.mkdir(stage)
+    monkeypatch.setattr(stage_module, "STAGE_ATTACH", stage)
+    monkeypatch.chdir(tmp_path)
+    layers = [str(tmp_path / name) for name in ("top", "base")]
+    for layer in layers:
+        os.mkdir(layer)
+    entries = [{"type": "layers", "dst": "/", "layers": layers, "idmap": True},
+               {"type": "tmpfs", "dst": "/tmp", "mode": "1777"}]
+    owner = (os.getuid(), os.getgid())
+    with syscalls.recording() as calls:
+        stage_module.build_stage(entries, [], owner, userns_fd=99)
+    root = stage + "/image"
+    names = [name for name, _ in calls]
+    # As root with idmap: each layer is an idmapped bind before the overlay uses it.
+    assert names[:2] == ["mount", "mount"] and names[2:6] == ["open_tree", "mount_setattr", "move_mount", "close"]
+    assert calls[4] == ("move_mount", (0, stage + "/.idmapped/0"))
+    overlay = next(args for name, args in calls if name == "mount" and args[2] == "overlay")
+    assert overlay[1] == root and overlay[4].startswith("lowerdir=/proc/self/fd/")
+    assert overlay[4].count(":") == 1 and overlay[4].endswith(f",upperdir={stage}/.image-upper,"
+                                                              f"workdir={stage}/.image-work,userxattr")
+    binds = [args[1] for name, args in calls if name == "mount" and args[3] == MS_BIND | MS_REC]
+    assert binds == [root + rootfs.LAYERS + "/0", root + rootfs.LAYERS + "/1"]
+    assert calls.index(("pivot_root", (".", "."))) > names.index("move_mount")
+    assert mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") in calls
+
+
+def test_a_test_root_of_an_image_stacks_the_skeleton_on_its_layers(test_root):
+    scratch, root = test_root
+    with syscalls.recording() as calls:
+        rootfs.build_test_root([{"type": "layers", "dst": "/", "layers": ["/a", "/b", "/c"]}], [])
+    assert calls[2] == mount("overlay", root, "overlay", MS_NOSUID,
+                             f"lowerdir={rootfs.LOWER}:{rootfs.LAYERS}/0:{rootfs.LAYERS}/1:{rootfs.LAYERS}/2,"
+                             f"upperdir={scratch}/upper,workdir={scratch}/work,userxattr")

@@ -24,7 +24,7 @@ import signal
 import socket
 import sys
 
-from . import factory, link, namespaces, network, process, rootfs, syscalls, user_ns
+from . import factory, link, namespaces, network, process, stage, syscalls, user_ns
 
 LAUNCHED_ENV = "PYTEST_ISOLATE_LAUNCHED"
 
@@ -102,13 +102,13 @@ def enter_host(spec: dict, launched: dict) -> None:
         owner = (user_ns.host_uid_of_container_root(), user_ns.host_gid_of_container_root())
         userns_fd = user_ns.create_for_root()
         syscalls.unshare(syscalls.CLONE_NEWNS)
-        launched["notes"] += rootfs.build_stage(spec["entries"], spec["sources"], owner, userns_fd)
+        launched["notes"] += stage.build_stage(spec["entries"], spec["sources"], owner, userns_fd)
         user_ns.join(userns_fd)
     else:
         # Rootless, the user namespace is what grants the right to mount: first.
         user_ns.enter_rootless()
         syscalls.unshare(syscalls.CLONE_NEWNS)
-        launched["notes"] += rootfs.build_stage(spec["entries"], spec["sources"], (0, 0))
+        launched["notes"] += stage.build_stage(spec["entries"], spec["sources"], (0, 0))
         _lock_stage_mounts(launched)
     # Changing uids (root's join above) clears the parent-death signal: set it again.
     process.die_with_parent(controller)

@@ -8,7 +8,7 @@ does the same at ≈ 2 ms of CPU per container (the fork, its copy-on-write faul
 and its exit); spawning this costs ≈ 0.1 ms, and as a process of its own it shares
 no memory with the factory.
 
-The program is one loop: ``pause(); goto loop``. rootfs.build_stage writes it into
+The program is one loop: ``pause(); goto loop``. stage.build_stage writes it into
 the image stage at PATH, whose last component is what ps shows. Only x86_64 has
 machine code here; elsewhere ``program`` returns None and the factory forks a
 Python sleeper instead (factory._spawn_init).
