@@ -362,9 +362,15 @@ def check_plugins(distributions=None) -> Result:
 
 # -- running and reporting ------------------------------------------------------------
 
+def check_images() -> Result:
+    from .doctor_images import check_images as check
+
+    return check(_in_child, Result, OK, WARN, MISSING)
+
+
 CHECKS = (check_user_namespaces, check_overlay, check_cgroups, check_seccomp,
-          check_landlock, check_python, check_plugins)
-NAMES = ("user namespaces", "overlayfs", "cgroups", "seccomp", "landlock", "python", "plugins")
+          check_landlock, check_python, check_plugins, check_images)
+NAMES = ("user namespaces", "overlayfs", "cgroups", "seccomp", "landlock", "python", "plugins", "images")
 
 
 def run_checks() -> list[Result]:

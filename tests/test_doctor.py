@@ -277,3 +277,25 @@ def test_another_plugin_claiming_the_marker_is_a_warning():
     assert found.finding == ("pytest-isolate is installed: it ships another package named pytest_isolate; "
                              "pytest-isolated is installed: it defines its own @pytest.mark.isolated")
     assert found.fix == "pip uninstall pytest-isolate pytest-isolated"
+
+
+def test_the_images_check_probes_layers_in_a_user_namespace(report, monkeypatch, tmp_path):
+    images = next(c for c in report["checks"] if c["name"] == "images")
+    assert images["status"] in ("ok", "warn") and "layer whiteouts and opaque directories work" in images["finding"]
+    # A kernel that does not hide what a whiteout covers: the check says what that means.
+    from pytest_isolate import doctor_images
+
+    def broken_kernel():
+        raise OSError(5, "a whiteout in a lower layer does not hide the file below it")
+
+    monkeypatch.setattr(doctor_images, "probe_layers", broken_kernel)
+    result = doctor.check_images()
+    assert result.status == "missing" and "does not hide the file below it" in result.finding
+    assert result.meaning == "tests cannot run in OCI images here (the host image works)"
+    # No zstd reader: a warning naming the packages.
+    monkeypatch.undo()
+    monkeypatch.setattr(doctor_images, "zstd_reader", lambda: None)
+    monkeypatch.setenv("PYTEST_ISOLATE_CACHE", str(tmp_path / "never-made"))
+    result = doctor.check_images()
+    assert result.status == "warn" and result.fix == "apt install zstd, or pip install zstandard"
+    assert "(0 images)" in result.finding and not (tmp_path / "never-made").exists()
