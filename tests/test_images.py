@@ -161,3 +161,26 @@ def test_bad():
     result = run()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"ERROR: *{message}"])
+
+
+def test_xdist_workers_share_one_store_and_leave_nothing(pytester, run, python_layout, cache) -> None:
+    pytest.importorskip("xdist")
+    image = f"oci:{python_layout}:py"
+    pytester.makepyfile(test_many=f"""
+import pytest
+
+@pytest.mark.isolated(image={image!r})
+@pytest.mark.parametrize("n", range(4))
+def test_many(n):
+    assert open("/etc/motd").read() == "second layer\\n"
+""")
+    with open("/proc/self/mountinfo") as f:
+        mounts_before = f.read()
+    run("-n", "2").assert_outcomes(passed=4)  # both workers pull into the empty store at once
+    from pytest_isolate.oci.store import for_this_user
+
+    store = for_this_user(cache)
+    assert len(os.listdir(store.layers)) == 2 and os.listdir(os.path.join(cache, "tmp")) == []
+    assert [r["reference"] for r in store.images()] == [image]
+    with open("/proc/self/mountinfo") as f:
+        assert f.read() == mounts_before and cache not in mounts_before
