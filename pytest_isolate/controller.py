@@ -4,6 +4,7 @@ ordinary pytest reports (replay.py)."""
 
 from __future__ import annotations
 
+import sys
 import uuid
 import warnings
 
@@ -47,8 +48,20 @@ class Controller:
         if image not in self._images:
             config = self.config
             project = [str(config.rootpath)] + ([str(config.inipath)] if config.inipath else [])
-            self._images[image] = images.resolve(image, project, self.pull_policy)
+            self._images[image] = images.resolve(image, project, self.pull_policy, self._pull_progress())
         return self._images[image]
+
+    def _pull_progress(self):
+        """Where a pull during the run says what it does: on a terminal, unless -q."""
+        if not sys.stderr.isatty() or self.config.get_verbosity() < 0:
+            return None
+
+        def progress(what: str, done: int, total: int) -> None:
+            end = "\n" if done + 1 >= total else ""
+            sys.stderr.write(f"\rpytest-isolate: pulling {what}\033[K{end}")
+            sys.stderr.flush()
+
+        return progress
 
     def image_entries(self, image: str) -> list[dict]:
         return self.image(image).entries

@@ -233,7 +233,7 @@ def layered_image(layers: list[str], image_env: list[str], project_paths: Iterab
     return Image(_pinned(entries + _system_entries()) + _dev_links(), python, env, packages)
 
 
-def resolve(image: str, project_paths: list[str], pull: str = "missing") -> Image:
+def resolve(image: str, project_paths: list[str], pull: str = "missing", progress=None) -> Image:
     """The Image of a normalised reference; an OCI image is read into the store first
     when it is missing there (``pull="missing"``), always, or never."""
     from .oci import local, reference, store as store_module
@@ -252,7 +252,7 @@ def resolve(image: str, project_paths: list[str], pull: str = "missing") -> Imag
             raise ImageProblem(f"{image} is not in the image store ({store.root}) and --isolate-pull=never: "
                                f"run `python -m pytest_isolate pull {image}` first")
         try:
-            record = local.import_image(ref, store)
+            record = local.import_image(ref, store, progress)
         except (local.ImageError, store_module.StoreError) as exc:
             raise ImageProblem(str(exc)) from None
         except OSError as exc:
