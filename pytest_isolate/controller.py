@@ -27,7 +27,8 @@ class Controller:
         self.hosts: dict[tuple[str, str], ContainerHost] = {}
         self.failed_hosts: dict[tuple[str, str], str] = {}
         self.sources: list[dict] = []
-        self._images: dict[str, list[dict]] = {}
+        self._images: dict[str, images.Image] = {}
+        self._image_specs: dict[str, tuple[str, str]] = {}  # image key -> (reference, python)
         self._source_index: dict[tuple[str, bool], int] = {}
         self.workerinput = dict(getattr(config, "workerinput", None) or {
             "workerid": "master", "workercount": 1, "testrunuid": uuid.uuid4().hex,
@@ -42,14 +43,16 @@ class Controller:
         self.coverage = coverage_support.CoverageCollector(config)
         config.pluginmanager.register(self.coverage, "isolate-coverage-collector")
 
-    def image(self, image: str) -> images.Image:
-        """What ``image`` (a normalised reference) is made of; pulled into the store as
-        --isolate-pull says. ImageProblem when tests cannot run in it."""
-        if image not in self._images:
+    def image(self, key: str) -> images.Image:
+        """What an image (by Settings.image_key: the reference and the interpreter) is
+        made of; pulled into the store as --isolate-pull says. ImageProblem when tests
+        cannot run in it."""
+        if key not in self._images:
             config = self.config
             project = [str(config.rootpath)] + ([str(config.inipath)] if config.inipath else [])
-            self._images[image] = images.resolve(image, project, self.pull_policy, self._pull_progress())
-        return self._images[image]
+            image, python = self._image_specs.get(key, (key, "auto"))
+            self._images[key] = images.resolve(image, project, self.pull_policy, self._pull_progress(), python)
+        return self._images[key]
 
     def _pull_progress(self):
         """Where a pull during the run says what it does: on a terminal, unless -q."""
@@ -70,12 +73,14 @@ class Controller:
         """Check mounts against their image and learn every source up front: hosts
         bind them when they start."""
         for item, settings in planned:
+            self._image_specs[settings.image_key()] = (settings.image, settings.python)
             try:
-                self.image(settings.image)
+                self.image(settings.image_key())
             except images.ImageProblem as exc:
-                raise pytest.UsageError(f"{item.nodeid}: invalid 'image': {exc}") from None
+                option = "python" if settings.python != "auto" else "image"
+                raise pytest.UsageError(f"{item.nodeid}: invalid {option!r}: {exc}") from None
             for mount in settings.mounts:
-                problem = images.unmountable(self.image_entries(settings.image), mount.dst)
+                problem = images.unmountable(self.image_entries(settings.image_key()), mount.dst)
                 if problem:
                     raise pytest.UsageError(f"{item.nodeid}: invalid 'mounts': {problem}")
                 try:
@@ -86,8 +91,8 @@ class Controller:
 
     def plan_shared(self, names: list[str], planned: list[tuple[pytest.Item, Settings]]) -> None:
         """Which shared fixtures each fork-mode host sets up, through which test."""
-        for image in {settings.image for _, settings in planned}:
-            users = [item for item, settings in planned if settings.mode == "fork" and settings.image == image]
+        for image in {settings.image_key() for _, settings in planned}:
+            users = [item for item, settings in planned if settings.mode == "fork" and settings.image_key() == image]
             self.shared_wanted[("fork", image)] = shared_support.first_users(names, users)
 
     def source_index(self, mount) -> int:
@@ -101,12 +106,12 @@ class Controller:
         return self._source_index[key]
 
     def host_for(self, settings: Settings) -> ContainerHost:
-        key = (settings.mode, settings.image)
+        key = (settings.mode, settings.image_key())
         if key in self.failed_hosts:
             raise HostError(self.failed_hosts[key])
         host = self.hosts.get(key)
         if host is None:
-            host = ContainerHost(self, settings.mode, settings.image, self.sources)
+            host = ContainerHost(self, settings.mode, settings.image_key(), self.sources)
             try:
                 host.start()
             except HostError as exc:
@@ -143,7 +148,7 @@ class Controller:
         except HostError as exc:
             # A lost, hung or broken host is killed, with its containers, before the
             # next test runs; the next isolated test starts a new one.
-            lost = self.hosts.pop((settings.mode, settings.image), None)
+            lost = self.hosts.pop((settings.mode, settings.image_key()), None)
             if lost is not None:
                 lost.kill()
             replay.host_failed(str(exc))

@@ -217,10 +217,17 @@ def _pinned(entries: list[dict]) -> list[dict]:
 
 
 def layered_image(layers: list[str], image_env: list[str], project_paths: Iterable[str], what: str,
-                  idmap: bool = False) -> Image:
+                  idmap: bool = False, python: str = "auto") -> Image:
     """An OCI image's or a root filesystem's entries: ``layers`` host directories,
     top first (``idmap``: their files belong to host users, not to the container's)."""
-    python = image_python(layers, what)
+    if python == "auto":
+        python = image_python(layers, what)
+    else:
+        resolved = _resolve(layers, python)
+        found = _in_layers(layers, resolved) if resolved else None
+        if found is None or not os.path.isfile(found) or not os.access(found, os.X_OK):
+            raise ImageProblem(f"{python} is not an executable file in {what}")
+        python = resolved
     project = _covering(project_paths)
     packages = _covering(_controller_packages() + project)
     entries = [{"type": "layers", "dst": "/", "layers": list(layers), "idmap": idmap}]
@@ -233,18 +240,21 @@ def layered_image(layers: list[str], image_env: list[str], project_paths: Iterab
     return Image(_pinned(entries + _system_entries()) + _dev_links(), python, env, packages)
 
 
-def resolve(image: str, project_paths: list[str], pull: str = "missing", progress=None) -> Image:
+def resolve(image: str, project_paths: list[str], pull: str = "missing", progress=None,
+            python: str = "auto") -> Image:
     """The Image of a normalised reference; an OCI image is read into the store first
     when it is missing there (``pull="missing"``), always, or never."""
     from .oci import local, reference, store as store_module
 
     ref = reference.parse(image)
     if ref.transport == "host":
+        if python != "auto":
+            raise ImageProblem("python= picks an interpreter inside an image; the host image runs pytest's own")
         return Image(host_image(project_paths), sys.executable)
     if ref.transport == "dir":
         if not os.path.isdir(ref.path):
             raise ImageProblem(f"{image}: {ref.path} is not a directory (dir: names a root filesystem)")
-        return layered_image([ref.path], [], project_paths, image, idmap=True)
+        return layered_image([ref.path], [], project_paths, image, idmap=True, python=python)
     store = store_module.for_this_user()
     record = None if pull == "always" else store.image(str(ref))
     if record is None:
@@ -258,7 +268,7 @@ def resolve(image: str, project_paths: list[str], pull: str = "missing", progres
         except OSError as exc:
             raise ImageProblem(f"{image}: {exc}") from None
     layers = [store.layer_path(d) for d in reversed(record["layers"])]
-    return layered_image(layers, record.get("env") or [], project_paths, image)
+    return layered_image(layers, record.get("env") or [], project_paths, image, python=python)
 
 
 def unmountable(entries: list[dict], destination: str) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import posixpath
 import re
 from typing import Any, Callable
 
@@ -77,6 +78,11 @@ class Settings:
     ulimits: tuple[tuple[str, int, int], ...] = ()
     limits: str = "strict"
     capture_limit: int = DEFAULT_CAPTURE_LIMIT
+    python: str = "auto"
+
+    def image_key(self) -> str:
+        """The image with the interpreter its container host runs: one host each."""
+        return self.image if self.python == "auto" else f"{self.image} (python {self.python})"
 
     def problem(self) -> tuple[str, str] | None:
         """(option, why) when options that are fine alone do not fit together."""
@@ -307,6 +313,16 @@ def _rlimit_number(value: Any) -> int | None:
     return value
 
 
+def parse_python(value: Any, base: str) -> str:
+    """auto, or an absolute path inside the image."""
+    if value == "auto":
+        return value
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value or posixpath.normpath(value) != value:
+        raise OptionError(f"got {_show(value)}; accepted: 'auto' (the image's Python of pytest's version) or an "
+                          "absolute, normalised path in the image, e.g. '/usr/local/bin/python3.12'")
+    return value
+
+
 def parse_limits_mode(value: Any, base: str) -> str:
     if value not in ("strict", "best-effort"):
         raise OptionError(f"got {_show(value)}; accepted: 'strict' (a limit that cannot be enforced "
@@ -380,6 +396,8 @@ OPTIONS = (
            "the test; best-effort: fall back to rlimits and report it", "strict|best-effort"),
     Option("capture_limit", parse_capture_limit, "most captured output taken from a test, per stream "
            "and report section; the rest is cut off with a marker (default: 8m)", "SIZE"),
+    Option("python", parse_python, "the interpreter the container host runs in an image: auto (default: "
+           "the image's Python of pytest's version) or a path in the image", "auto|PATH"),
 )
 BY_NAME = {option.name: option for option in OPTIONS}
 

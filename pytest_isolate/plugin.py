@@ -119,6 +119,14 @@ class IsolatePlugin:
                 layer[option.name] = self._parse(option, value, base, f"command line {option.flag}")
         return layer
 
+    def _source_of(self, name: str, marker_layers: list[dict[str, Any]]) -> str:
+        """Where the value of option ``name`` that a test got was set (the last layer wins)."""
+        option = opts.BY_NAME[name]
+        sources = [f"ini key {option.ini}", f"command line {option.flag}"]
+        sources += [f"@pytest.mark.{MARKER}"] * len(marker_layers)
+        found = [where for layer, where in zip(self.base_layers + marker_layers, sources) if name in layer]
+        return found[-1] if found else "its default"
+
     def _registered_markers(self) -> set[str]:
         return {line.split(":")[0].split("(")[0].strip() for line in self.config.getini("markers")}
 
@@ -168,7 +176,8 @@ class IsolatePlugin:
                 settings = item.stash[settings_key] = opts.merge(self.base_layers + layers)
                 problem = settings.problem()
                 if problem:
-                    raise pytest.UsageError(f"{item.nodeid}: invalid {problem[0]!r}: {problem[1]}")
+                    raise pytest.UsageError(f"{item.nodeid}: invalid {problem[0]!r} (from "
+                                            f"{self._source_of(problem[0], layers)}): {problem[1]}")
                 isolated.append(item)
         self.isolated_count = len(isolated)
         planned = [(item, item.stash[settings_key]) for item in isolated]

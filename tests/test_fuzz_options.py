@@ -97,7 +97,7 @@ def size(low: int, high: int) -> st.SearchStrategy[str]:
 cap = st.tuples(st.sampled_from(sorted(NUMBERS) + ["ALL"]), st.booleans(), st.booleans()).map(
     lambda t: (lambda n: n.lower() if t[2] else n)(t[0].replace("CAP_", "") if t[1] else t[0]))
 VALID_TEXT = {  # single-line strings, as the command line and ini files give them
-    "mode": st.sampled_from(opts.MODES), "image": st.sampled_from(["host", "dir:/srv/rootfs", "oci:/srv/layout:v1"]), "hostname": hostname,
+    "mode": st.sampled_from(opts.MODES), "image": st.just("host"), "hostname": hostname,
     "timeout": st.one_of(positive.map(str), st.sampled_from(["0", "none", "None", "0.0"])),
     "env": env_line, "mounts": mount, "cap_add": cap, "system_paths": st.sampled_from(["masked", "unconfined"]),
     "seccomp": st.sampled_from(["default", "unconfined", "profile.json", "./sub/../profile.json"]),
@@ -105,6 +105,7 @@ VALID_TEXT = {  # single-line strings, as the command line and ini files give th
     "memory": size(4, 4096), "memory_swap": size(1, 4096) | st.just("-1"), "cpus": cpus.map(str),
     "pids": st.integers(2, 10**6).map(str), "ulimits": ulimit, "limits": st.sampled_from(["strict", "best-effort"]),
     "capture_limit": size(1, 1024),
+    "python": st.sampled_from(["auto", "/usr/bin/python3", "/usr/local/bin/python3.12"]),
 }
 VALID = {**VALID_TEXT,  # and what a marker can give too
          "timeout": st.one_of(st.none(), st.just(0), positive, VALID_TEXT["timeout"]),
@@ -174,6 +175,8 @@ def check_shape(name: str, got) -> None:
         assert got is None or (type(got) is float and 0.01 <= got < 1e6)
     elif name == "capture_limit":
         assert type(got) is int and 4096 <= got <= 1 << 30
+    elif name == "python":
+        assert got == "auto" or (got.startswith("/") and posixpath.normpath(got) == got)
     elif name == "ulimits":
         assert isinstance(got, tuple) and len({u[0] for u in got}) == len(got)
         for rlimit, soft, hard in got:
@@ -226,7 +229,7 @@ def test_valid_values_are_accepted_and_round_trip(name, data, base) -> None:
         assert got == float(value) == opts.parse_timeout(str(value), base)
     elif name == "timeout":
         assert got == (float(value) if value and value.lower() != "none" and float(value) else None)
-    elif name in ("mode", "image", "hostname", "system_paths"):
+    elif name in ("mode", "image", "hostname", "system_paths", "python"):
         assert got == value
     elif name == "env" and isinstance(value, dict):
         assert got == tuple((k, str(v)) for k, v in value.items())

@@ -184,3 +184,34 @@ def test_many(n):
     assert [r["reference"] for r in store.images()] == [image]
     with open("/proc/self/mountinfo") as f:
         assert f.read() == mounts_before and cache not in mounts_before
+
+
+def test_python_picks_the_interpreter_by_hand(pytester, run, python_layout, cache) -> None:
+    image = f"oci:{python_layout}:py"
+    pytester.makepyfile(test_python=f"""
+import sys, pytest
+
+@pytest.mark.isolated(image={image!r}, python="/usr/bin/python3")
+def test_by_hand():
+    assert sys.executable == "/usr/bin/python{imagebuild.VERSION}"
+""")
+    result = run("-v")
+    result.assert_outcomes(passed=1)
+    assert f"image {image} (python /usr/bin/python3)" in result.stdout.str()
+    for python, message in (("/usr/bin/nope", f"invalid 'python': /usr/bin/nope is not an executable file in {image}"),
+                            ("python3", "invalid 'python': got 'python3'; accepted: 'auto' *")):
+        pytester.makepyfile(test_python=f"""
+import pytest
+
+@pytest.mark.isolated(image={image!r}, python={python!r})
+def test_by_hand():
+    pass
+""")
+        bad = run()
+        assert bad.ret == pytest.ExitCode.USAGE_ERROR
+        bad.stderr.fnmatch_lines([f"ERROR: *{message}"])
+    pytester.makepyfile(test_python="def test_plain():\n    pass\n")
+    bad = run("--isolate-python=/usr/bin/python3", "--isolate")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["*invalid 'python': python= picks an interpreter inside an image; the host image "
+                              "runs pytest's own"])

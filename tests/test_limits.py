@@ -713,7 +713,7 @@ def test_swap():
 """)
     result = run()
     assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str()
-    assert f"test_swap.py::test_swap: invalid 'memory_swap': {why}" in result.stderr.str()
+    assert f"test_swap.py::test_swap: invalid 'memory_swap' (from @pytest.mark.isolated): {why}" in result.stderr.str()
     assert "Traceback" not in result.stdout.str() + result.stderr.str()
 
 

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -212,3 +213,38 @@ def test_images_made_by_umoci_and_skopeo(tmp_path, store) -> None:
     bottom, top = (store.layer_path(d) for d in from_oci["layers"])
     assert os.access(f"{bottom}/bin/busybox", os.X_OK) and os.readlink(f"{bottom}/bin/sh") == "busybox"
     assert os.stat(f"{top}/etc/motd", follow_symlinks=False).st_rdev == 0  # the whiteout
+
+
+@pytest.mark.parametrize("text, normalised", [
+    ("host", "host"),
+    ("docker://python", "docker://docker.io/library/python:latest"),
+    ("docker://python:3.12-slim", "docker://docker.io/library/python:3.12-slim"),
+    ("docker://team/base", "docker://docker.io/team/base:latest"),
+    ("docker://localhost:5000/team/base:1.4@sha256:" + "a" * 64,
+     "docker://localhost:5000/team/base:1.4@sha256:" + "a" * 64),
+    ("docker://ghcr.io/a/b@sha256:" + "b" * 64, "docker://ghcr.io/a/b@sha256:" + "b" * 64),  # no tag: the digest
+    ("oci:images/debian:bookworm", "oci:/base/images/debian:bookworm"),
+    ("oci:/srv/layout", "oci:/srv/layout"),
+    ("docker-archive:saved.tar", "docker-archive:/base/saved.tar"),
+    ("docker-archive:saved.tar:team/app:1", "docker-archive:/base/saved.tar:team/app:1"),
+    ("dir:../rootfs", "dir:/rootfs"),
+])
+def test_references_in_skopeos_syntax(text, normalised) -> None:
+    assert str(reference.parse(text, "/base")) == normalised
+    assert str(reference.parse(normalised, "/elsewhere")) == normalised  # normalised parses to itself
+
+
+@pytest.mark.parametrize("text, message", [
+    ("debian:12", "unknown transport in 'debian:12' (did you mean 'docker://debian:12'?)"),
+    ("docker:python", "a registry image is written docker://NAME (two slashes)"),
+    ("docker://Python", "is not a repository name"),
+    ("docker://a@sha256:zz", "'sha256:zz' is not a digest"),
+    ("docker://a:b c", "is not a tag"),
+    ("oci:", "'oci:' names no path"),
+    ("dir:/x:y", "dir: takes a path only"),
+    ("", "not an image reference"),
+    (" host", "not an image reference"),
+])
+def test_bad_references_say_what_is_accepted(text, message) -> None:
+    with pytest.raises(reference.ReferenceError, match=re.escape(message)):
+        reference.parse(text, "/base")
