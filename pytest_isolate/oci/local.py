@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import tarfile
+import time
 from typing import Callable
 
 from .reference import Reference
@@ -24,7 +25,10 @@ REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
 _ARCHES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "armv6l": "arm", "i686": "386",
            "i386": "386", "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
-Progress = Callable[[str, int, int], None]  # (what, done, total)
+# progress(what, done, total): layer ``done`` of ``total`` starts (done == total: all
+# stored); while a layer streams, also with keywords bytes_done= and bytes_total= (None
+# when unknown), a few times a second.
+Progress = Callable[..., None]
 
 
 class ImageError(Exception):
@@ -86,15 +90,26 @@ def _finish(reference: Reference, store: Store, manifest_bytes: bytes | None, ma
     for diff_id in diff_ids:
         hex_of(diff_id, f"a diff_id in the config of {reference}")
     for i, diff_id in enumerate(diff_ids):
-        what = f"layer {i + 1}/{len(diff_ids)} of {reference} ({layers[i].get('digest', diff_id)})"
+        what = f"layer {i + 1}/{len(diff_ids)} of {reference} ({layers[i].get('digest') or diff_id})"
         if progress:
             progress(what, i, len(diff_ids))
         if store.has_layer(diff_id):
             continue
         with open_layer(i) as stream:
-            store.add_layer(stream, diff_id, what)
+            size = layers[i].get("size")
+            counted = _Counted(stream, lambda n: progress(what, i, len(diff_ids), bytes_done=n, bytes_total=size))
+            try:
+                store.add_layer(counted if progress else stream, diff_id, what)
+            except StoreError:
+                # A blob that is not what its digest says breaks gzip or tar first; the
+                # digest (or truncation) is the cause worth naming.
+                if isinstance(stream, Verified):
+                    stream.check()
+                raise
             if isinstance(stream, Verified):
                 stream.check()
+    if progress:
+        progress(f"{len(diff_ids)} layers of {reference}", len(diff_ids), len(diff_ids))
     image_config = config.get("config") or {}
     record = {
         "reference": str(reference),
@@ -112,6 +127,22 @@ def _finish(reference: Reference, store: Store, manifest_bytes: bytes | None, ma
     store.put_blob(_Bytes(config_bytes), config_digest, len(config_bytes), f"the config of {reference}")
     store.save_image(record)
     return record
+
+
+class _Counted:
+    """A stream that reports how much of it was read, at most ten times a second."""
+
+    def __init__(self, stream, report: Callable[[int], None]) -> None:
+        self.stream, self.report, self.done, self.last = stream, report, 0, 0.0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.done += len(data)
+        now = time.monotonic()
+        if now - self.last >= 0.1 or not data:
+            self.last = now
+            self.report(self.done)
+        return data
 
 
 class _Bytes:
@@ -276,7 +307,11 @@ def _member(archive: tarfile.TarFile, name: str, reference: Reference, cap: int 
     return data
 
 
-def import_image(reference: Reference, store: Store, progress: Progress | None = None) -> dict:
+def import_image(reference: Reference, store: Store, progress: Progress | None = None, insecure=()) -> dict:
+    """``reference`` into ``store``; ``insecure``: registries (host[:port]) that may use plain http."""
+    if reference.transport == "docker":
+        from . import registry
+        return registry.import_registry(reference, store, progress, insecure)
     if reference.transport == "oci":
         return import_oci(reference, store, progress)
     if reference.transport == "docker-archive":
