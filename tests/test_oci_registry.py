@@ -237,6 +237,7 @@ class Fake(http.server.ThreadingHTTPServer):
         self.seen: list[tuple[str, str | None]] = []
         self.protected: dict[str, tuple[str, str] | None] = {}  # name: credentials (None: a token)
         self.tokens: dict[str, str] = {}
+        self.basic: dict[str, tuple[str, str]] = {}  # name: credentials asked for by a Basic challenge
         self.failures = 0
         self.redirect: str | None = None  # blobs answered by a redirect to <redirect>/cdn/<digest>
         self.truncate: set[str] = set()
@@ -286,6 +287,9 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         if name in fake.protected and fake.tokens.get((self.headers.get("Authorization") or "")[7:]) != name:
             return self.reply(401, b'{"errors": [{"code": "UNAUTHORIZED"}]}', [(
                 "WWW-Authenticate", f'Bearer realm="{fake.url}/token",service="fake",scope="repository:{name}:pull"')])
+        if name in fake.basic and self.headers.get("Authorization") != \
+                "Basic " + base64.b64encode(":".join(fake.basic[name]).encode()).decode():
+            return self.reply(401, headers=[("WWW-Authenticate", 'Basic realm="fake"')])
         if kind == "blobs" and fake.redirect:
             return self.reply(307, headers=[("Location", f"{fake.redirect}/cdn/{ref}")])
         if kind == "blobs":
@@ -359,8 +363,12 @@ def auth_file(tmp_path, host: str, user: str, password: str, key: str | None = N
     return path
 
 
+def layers_of(store: Store) -> list[str]:
+    return os.listdir(os.path.dirname(store.layer_path("sha256:" + "0" * 64)))
+
+
 def assert_nothing_stored(store: Store) -> None:
-    assert os.listdir(os.path.join(store.root, "layers", "sha256")) == []
+    assert layers_of(store) == []
     assert os.listdir(os.path.join(store.root, "tmp")) == [] and store.images() == []
 
 
@@ -381,7 +389,7 @@ def test_pull_by_tag_oci_and_docker_manifests(open_registry, store) -> None:
     assert store.image(f"docker://{open_registry}/team/app:1") == record
     other = pull(f"docker://{open_registry}/team/app:docker", store)
     assert content(store, other, 1, "app/main") == b"docker" and other["layers"][0] == record["layers"][0]
-    assert len(os.listdir(os.path.join(store.root, "layers", "sha256"))) == 3  # the base layer, once
+    assert len(layers_of(store)) == 3  # the base layer, once
     assert content(store, pull(f"docker://{open_registry}/team/app:bare", store), 0, "app/main") == b"bare"
 
 
@@ -523,10 +531,19 @@ def test_credentials_never_follow_a_redirect_to_another_host(fake, store, tmp_pa
         other = Store(str(tmp_path / "other"))
         with pytest.raises(local.ImageError, match=rf"layer 2/2 of .* does not match its digest {sha(image.layers[1])}"):
             pull(f"docker://{fake.netloc}/team/secret:1", other)
-        assert os.listdir(os.path.join(other.root, "layers", "sha256")) == [record["layers"][0][7:]]  # layer 1 was good
+        assert layers_of(other) == [record["layers"][0][7:]]  # layer 1 was good
         assert os.listdir(os.path.join(other.root, "tmp")) == [] and other.images() == []
     finally:
         cdn.stop()
+
+
+def test_a_basic_challenge_gets_the_credentials(fake, store, tmp_path, monkeypatch) -> None:
+    fake.add("team/basic", Image([{"f": b"basic"}]), "1")
+    fake.basic["team/basic"] = ("carol", "pw")
+    with pytest.raises(local.ImageError, match=rf"access denied to docker://{fake.netloc}/team/basic:1: no credentials"):
+        pull(f"docker://{fake.netloc}/team/basic:1", store)
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file(tmp_path, fake.netloc, "carol", "pw")))
+    assert content(store, pull(f"docker://{fake.netloc}/team/basic:1", store), 0, "f") == b"basic"
 
 
 def test_foreign_urls_are_not_followed(fake, store) -> None:
@@ -656,3 +673,23 @@ def test_credentials_are_looked_up_in_order(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("REGISTRY_AUTH_FILE", explicit)
     assert registry.credentials("reg.example:5000", "team/app") == (("explicit", "5"), explicit)
     assert registry.credentials("docker.io", "library/python") == (("hub", "1"), docker)
+
+
+def test_a_three_parameter_progress_callback_hears_of_layers_only(fake, store, tmp_path) -> None:
+    image = Image([{"a": b"1"}, {"b": os.urandom(1 << 16)}])
+    fake.add("team/progress", image, "1")
+    layers_heard: list[tuple] = []
+    pull(f"docker://{fake.netloc}/team/progress:1", store,
+         progress=lambda what, done, total: layers_heard.append((what[:9], done, total)))
+    assert layers_heard == [("layer 1/2", 0, 2), ("layer 2/2", 1, 2)]
+    heard: list[tuple] = []
+
+    def detailed(what, done, total, bytes_done=None, bytes_total=None) -> None:
+        heard.append((what[:9], done, total, bytes_done, bytes_total))
+
+    pull(f"docker://{fake.netloc}/team/progress:1", Store(str(tmp_path / "other")), progress=detailed)
+    sizes = [len(b) for b in image.layers]
+    assert heard[0] == ("layer 1/2", 0, 2, None, None) and heard[-1][1:] == (2, 2, None, None)
+    assert ("layer 2/2", 1, 2, None, None) in heard
+    assert heard[-2] == ("layer 2/2", 1, 2, sizes[1], sizes[1])
+    assert ("layer 1/2", 0, 2, sizes[0], sizes[0]) in heard

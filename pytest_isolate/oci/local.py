@@ -9,6 +9,7 @@ digest and size while it streams.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -25,9 +26,10 @@ REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
 _ARCHES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "armv6l": "arm", "i686": "386",
            "i386": "386", "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
-# progress(what, done, total): layer ``done`` of ``total`` starts (done == total: all
-# stored); while a layer streams, also with keywords bytes_done= and bytes_total= (None
-# when unknown), a few times a second.
+# progress(what, done, total): layer ``done`` of ``total`` starts. A callback with a
+# ``bytes_done`` keyword (images_cli's) is also told, a few times a second, how much of
+# the layer streamed (bytes_done=, bytes_total=: None when unknown), and once at the end
+# (done == total); one with three parameters only hears of layers, as it always did.
 Progress = Callable[..., None]
 
 
@@ -89,6 +91,7 @@ def _finish(reference: Reference, store: Store, manifest_bytes: bytes | None, ma
                          f"layers (rootfs.diff_ids), its manifest {len(layers)}")
     for diff_id in diff_ids:
         hex_of(diff_id, f"a diff_id in the config of {reference}")
+    detailed = progress is not None and _takes_bytes(progress)
     for i, diff_id in enumerate(diff_ids):
         what = f"layer {i + 1}/{len(diff_ids)} of {reference} ({layers[i].get('digest') or diff_id})"
         if progress:
@@ -99,7 +102,7 @@ def _finish(reference: Reference, store: Store, manifest_bytes: bytes | None, ma
             size = layers[i].get("size")
             counted = _Counted(stream, lambda n: progress(what, i, len(diff_ids), bytes_done=n, bytes_total=size))
             try:
-                store.add_layer(counted if progress else stream, diff_id, what)
+                store.add_layer(counted if detailed else stream, diff_id, what)
             except StoreError:
                 # A blob that is not what its digest says breaks gzip or tar first; the
                 # digest (or truncation) is the cause worth naming.
@@ -108,7 +111,10 @@ def _finish(reference: Reference, store: Store, manifest_bytes: bytes | None, ma
                 raise
             if isinstance(stream, Verified):
                 stream.check()
-    if progress:
+            if detailed:  # the whole blob, its trailer too
+                progress(what, i, len(diff_ids), bytes_done=getattr(stream, "read_bytes", counted.done),
+                         bytes_total=size)
+    if detailed:
         progress(f"{len(diff_ids)} layers of {reference}", len(diff_ids), len(diff_ids))
     image_config = config.get("config") or {}
     record = {
@@ -127,6 +133,14 @@ def _finish(reference: Reference, store: Store, manifest_bytes: bytes | None, ma
     store.put_blob(_Bytes(config_bytes), config_digest, len(config_bytes), f"the config of {reference}")
     store.save_image(record)
     return record
+
+
+def _takes_bytes(progress: Progress) -> bool:
+    try:
+        parameters = inspect.signature(progress).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "bytes_done" or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 class _Counted:
