@@ -242,6 +242,7 @@ class Fake(http.server.ThreadingHTTPServer):
         self.redirect: str | None = None  # blobs answered by a redirect to <redirect>/cdn/<digest>
         self.truncate: set[str] = set()
         self.no_length: set[str] = set()
+        self.challenge_cdn = False  # /cdn/ answers 401 with a Bearer challenge naming its own realm
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
         self.thread.start()
 
@@ -249,6 +250,11 @@ class Fake(http.server.ThreadingHTTPServer):
         for blob in image.blobs:
             self.blobs[sha(blob)] = blob
         self.manifests[(name, tag)] = self.manifests[(name, image.digest)] = (image.manifest, image.media_type)
+
+    def handle_error(self, request, client_address) -> None:
+        # A client that stops reading (an oversized manifest refused) breaks the pipe.
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
 
     def stop(self) -> None:
         self.shutdown()
@@ -278,6 +284,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         url = urllib.parse.urlsplit(self.path)
         if url.path == "/token":
             return self.token(fake, urllib.parse.parse_qs(url.query))
+        if url.path.startswith("/cdn/") and fake.challenge_cdn:
+            return self.reply(401, headers=[("WWW-Authenticate", f'Bearer realm="{fake.url}/token",service="cdn"')])
         if url.path.startswith("/cdn/"):
             return self.blob(fake, url.path[5:])
         match = re.match(r"^/v2/(.+)/(manifests|blobs)/([^/]+)$", url.path)
@@ -533,6 +541,13 @@ def test_credentials_never_follow_a_redirect_to_another_host(fake, store, tmp_pa
             pull(f"docker://{fake.netloc}/team/secret:1", other)
         assert layers_of(other) == [record["layers"][0][7:]]  # layer 1 was good
         assert os.listdir(os.path.join(other.root, "tmp")) == [] and other.images() == []
+        # A blob host that asks for a token does not get to name where credentials go.
+        cdn.challenge_cdn, cdn.seen = True, []
+        with pytest.raises(local.ImageError, match=rf"access denied to docker://{fake.netloc}/team/secret:1: check "
+                                                   rf"your credentials in "):
+            pull(f"docker://{fake.netloc}/team/secret:1", Store(str(tmp_path / "third")))
+        assert [path for path, _ in cdn.seen if path.startswith("/token")] == [] and \
+            [auth for _, auth in cdn.seen] == [None] * len(cdn.seen) and cdn.seen
     finally:
         cdn.stop()
 

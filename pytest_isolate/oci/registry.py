@@ -221,6 +221,11 @@ class Client:
             except urllib.error.HTTPError as exc:
                 challenge = exc.headers.get("WWW-Authenticate") or ""
                 exc.close()
+                # Only the registry's own challenge is answered: a blob host it redirected
+                # to does not get to name a realm for the user's credentials.
+                answered_by = urllib.parse.urlsplit(exc.geturl() or url)
+                if f"{answered_by.scheme}://{answered_by.netloc}" != self.origin:
+                    challenge = ""
                 if exc.code == 401 and attempt == 1 and challenge:
                     self.authenticate(challenge)
                     continue
@@ -287,7 +292,7 @@ class Client:
     def small(self, path: str, what: str, digest: str | None, size: int | None = None,
               accept: str | None = None) -> tuple[bytes, dict]:
         """A manifest or config: capped, and checked against ``digest`` when one is known."""
-        response = self.get(path, accept, what)
+        response = self.get(path, accept, f"blob {digest}" if path.startswith("blobs/") else what)
         with response:
             length = response.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > MAX_MANIFEST:
