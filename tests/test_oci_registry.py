@@ -242,6 +242,8 @@ class Fake(http.server.ThreadingHTTPServer):
         self.redirect: str | None = None  # blobs answered by a redirect to <redirect>/cdn/<digest>
         self.truncate: set[str] = set()
         self.no_length: set[str] = set()
+        self.ranges_asked: list[str] = []
+        self.ranges = False  # Range requests honoured (206); a truncated blob is cut once
         self.challenge_cdn = False  # /cdn/ answers 401 with a Bearer challenge naming its own realm
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
         self.thread.start()
@@ -278,6 +280,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         fake: Fake = self.server
         fake.seen.append((self.path, self.headers.get("Authorization")))
+        if self.headers.get("Range"):
+            fake.ranges_asked.append(self.headers["Range"])
         if fake.failures:
             fake.failures -= 1
             return self.reply(503, b"busy")
@@ -312,7 +316,13 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         data = fake.blobs.get(digest)
         if data is None:
             return self.reply(404)
+        ranged = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        if ranged and fake.ranges:
+            start = int(ranged.group(1))
+            return self.reply(206, data[start:], [("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")])
         if digest in fake.truncate:  # announces every byte, sends half, hangs up
+            if fake.ranges:
+                fake.truncate.discard(digest)  # once
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -596,6 +606,19 @@ def test_a_corrupt_or_truncated_blob_stores_nothing(fake, store) -> None:
     assert_nothing_stored(store)
     fake.truncate.clear()
     assert content(store, pull(f"docker://{fake.netloc}/team/bad:1", store), 0, "f") == data
+
+
+def test_a_blob_cut_short_is_resumed_with_a_range_request(fake, store) -> None:
+    data = os.urandom(300_000)
+    image = Image([{"f": data}])
+    fake.add("team/resume", image, "1")
+    layer = sha(image.layers[0])
+    fake.truncate.add(layer)
+    fake.ranges = True
+    record = pull(f"docker://{fake.netloc}/team/resume:1", store)
+    assert content(store, record, 0, "f") == data and layer not in fake.truncate
+    blob_requests = [path for path, _ in fake.seen if path == f"/v2/team/resume/blobs/{layer}"]
+    assert len(blob_requests) == 2 and fake.ranges_asked == [f"bytes={len(image.layers[0]) // 2}-"]
 
 
 def test_a_corrupt_config_or_manifest_is_refused(fake, store) -> None:

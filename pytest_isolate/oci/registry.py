@@ -143,30 +143,57 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
 
 
 class _Body:
-    """A response body read as a stream that says when the connection ended early."""
+    """A response body read as a stream that says when the connection ended early, and
+    resumes a blob (``reopen(offset)``: a Range request) after a reset or a short read:
+    a large layer need not start again from its first byte."""
 
-    def __init__(self, response, expected: int | None, what: str) -> None:
+    def __init__(self, response, expected: int | None, what: str, reopen=None) -> None:
         self.response, self.expected, self.what, self.got = response, expected, what, 0
+        self.reopen, self.resumes, self.failed = reopen, 0, None
         length = response.headers.get("Content-Length")
         if self.expected is None and length and length.isdigit():
             self.expected = int(length)
 
     def read(self, n: int = -1) -> bytes:
+        while True:
+            if self.failed:
+                raise StoreError(self.failed)
+            try:
+                data = self.response.read(n if n is not None and n >= 0 else 1 << 20)
+                failure = None
+            except (OSError, http.client.HTTPException) as exc:
+                data, failure = b"", f"{self.what}: the connection failed after {self.got} bytes ({exc})"
+            self.got += len(data)
+            if data or n == 0 or (failure is None and (self.expected is None or self.got >= self.expected)):
+                return data
+            failure = failure or (f"{self.what} is truncated: the connection ended after {self.got} of "
+                                  f"{self.expected} bytes")
+            if not self._resume():
+                self.failed = failure  # and stays so: what a failed resume got is not this blob
+                raise StoreError(failure)
+
+    def _resume(self) -> bool:
+        if self.reopen is None or self.resumes >= TRIES - 1:
+            return False
+        self.resumes += 1
+        self.response.close()
+        time.sleep(BACKOFF * self.resumes)
         try:
-            data = self.response.read(n if n is not None and n >= 0 else 1 << 20)
-        except (OSError, http.client.HTTPException) as exc:
-            raise StoreError(f"{self.what}: the connection failed after {self.got} bytes ({exc})") from None
-        self.got += len(data)
-        if not data and n != 0 and self.expected is not None and self.got < self.expected:
-            raise StoreError(f"{self.what} is truncated: the connection ended after {self.got} of "
-                             f"{self.expected} bytes")
-        return data
+            self.response = self.reopen(self.got)
+        except local.ImageError:
+            return False
+        # A server that ignores Range (200) would start again from byte 0: not a resume.
+        return self.response.status == 206 and \
+            (self.response.headers.get("Content-Range") or "").startswith(f"bytes {self.got}-")
+
+    def close(self) -> None:
+        self.response.close()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
-        self.response.close()
+        self.close()
 
 
 class Client:
@@ -211,10 +238,10 @@ class Client:
             time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def get(self, path: str, accept: str | None = None, what: str = ""):
+    def get(self, path: str, accept: str | None = None, what: str = "", headers: dict | None = None):
         """GET ``/v2/<name>/<path>`` with the token (or Basic credentials) the registry asks for."""
         url = f"{self.origin}/v2/{self.reference.name}/{path}"
-        headers = {"Accept": accept} if accept else {}
+        headers = dict(headers or {}, **({"Accept": accept} if accept else {}))
         for attempt in (1, 2):
             try:
                 return self._open(url, headers, self.authorization)
@@ -349,9 +376,10 @@ def import_registry(reference: Reference, store: Store, progress: local.Progress
         # the pull fails; no credentials, and no fetch, go to a host the manifest names.
         layer = layers[i]
         what = f"layer {i + 1}/{len(layers)} of {reference} ({layer['digest']})"
-        body = _Body(client.get(f"blobs/{layer['digest']}", what=f"blob {layer['digest']}"),
-                     layer.get("size"), what)
-        return local._Closing(Verified(body, layer["digest"], layer.get("size"), what), body.response)
+        path, blob = f"blobs/{layer['digest']}", f"blob {layer['digest']}"
+        body = _Body(client.get(path, what=blob), layer.get("size"), what,
+                     lambda offset: client.get(path, what=blob, headers={"Range": f"bytes={offset}-"}))
+        return local._Closing(Verified(body, layer["digest"], layer.get("size"), what), body)
 
     try:
         return local._finish(reference, store, data, digest, config, config_descriptor["digest"], layers,
