@@ -731,3 +731,37 @@ def test_a_three_parameter_progress_callback_hears_of_layers_only(fake, store, t
     assert ("layer 2/2", 1, 2, None, None) in heard
     assert heard[-2] == ("layer 2/2", 1, 2, sizes[1], sizes[1])
     assert ("layer 1/2", 0, 2, sizes[0], sizes[0]) in heard
+
+
+def test_tests_run_inside_an_image_pulled_from_the_registry(pytester, run, open_registry, tmp_path, monkeypatch):
+    """The whole path: a Python image pushed to the registry, pulled during the run by
+    the marker's docker:// reference, and the test runs inside it."""
+    import imagebuild
+
+    if imagebuild.can_build():
+        pytest.skip(imagebuild.can_build())
+    layer = imagebuild.layer_of_directory(imagebuild.python_rootfs(str(tmp_path / "rootfs")))
+    image = Image([{}])
+    image.layers = [gzip.compress(layer, 1)]
+    image.config = json.dumps({"architecture": ARCH, "os": "linux", "config": {"Env": ["PATH=/usr/bin:/bin"]},
+                               "rootfs": {"type": "layers", "diff_ids": [sha(layer)]}}).encode()
+    image.manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                                 "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                            "digest": sha(image.config), "size": len(image.config)},
+                                 "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                                             "digest": sha(image.layers[0]), "size": len(image.layers[0])}]}).encode()
+    image.blobs = [image.config, *image.layers]
+    push(f"http://{open_registry}", "team/python", image, "run")
+    monkeypatch.setenv("PYTEST_ISOLATE_CACHE", str(tmp_path / "cache"))
+    pytester.makepyfile(test_inside=f"""
+import os, sys, pytest
+
+@pytest.mark.isolated(image="docker://{open_registry}/team/python:run")
+def test_inside():
+    assert "pytest-isolate test image" in open("/etc/os-release").read()
+    assert os.path.realpath(sys.executable) == "/usr/bin/python{imagebuild.VERSION}"
+    assert os.environ["PATH"] == "/usr/bin:/bin"
+""")
+    result = run("-v")
+    result.assert_outcomes(passed=1)
+    assert f"image docker://{open_registry}/team/python:run" in result.stdout.str()
