@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 import sys
 import time
 
@@ -25,24 +27,50 @@ def pull(args) -> int:
         return 0
     show = not args.quiet and sys.stderr.isatty()
     started = time.monotonic()
-
-    def progress(what: str, done: int, total: int) -> None:
-        if show:
-            print(f"\r{what}", end="", file=sys.stderr, flush=True)
-
+    progress = _Progress(str(ref)) if show else None
     try:
         record = local.import_image(ref, _store(args), progress)
     except (local.ImageError, store.StoreError, OSError) as exc:
-        if show:
-            print(file=sys.stderr)
+        if progress:
+            progress.end(failed=True)
         print(f"pytest-isolate pull: {exc}", file=sys.stderr)
         return 1
-    if show:
-        print(file=sys.stderr)
     if not args.quiet:
         print(f"{record['reference']}: {len(record['layers'])} layers, config {record['config'][:19]}, "
               f"in {time.monotonic() - started:.1f}s")
     return 0
+
+
+class _Progress:
+    """docker pull's display: one line per layer, rewritten in place while it downloads
+    (bytes and rate), left as it ended ("done" or "already present")."""
+
+    def __init__(self, reference: str) -> None:
+        self.reference, self.line, self.bytes, self.started = reference, None, 0, 0.0
+
+    def __call__(self, what: str, done: int, total: int, bytes_done: int | None = None,
+                 bytes_total: int | None = None) -> None:
+        label = re.sub(r"(sha256:[0-9a-f]{12})[0-9a-f]+", r"\1", what.replace(f" of {self.reference}", ""))
+        if bytes_done is None:
+            self.end()
+            if done < total:
+                self.line, self.bytes, self.started = label, 0, time.monotonic()
+                self.show("")
+            return
+        self.bytes = bytes_done
+        rate = bytes_done / max(time.monotonic() - self.started, 1e-3)
+        self.show(f"{human(bytes_done)}" + (f" / {human(bytes_total)}" if bytes_total else "") +
+                  f"  {human(rate)}/s")
+
+    def show(self, state: str) -> None:
+        width = shutil.get_terminal_size().columns - 1
+        print(f"\r\x1b[K{f'{self.line}  {state}'[:width]}", end="", file=sys.stderr, flush=True)
+
+    def end(self, failed: bool = False) -> None:
+        if self.line is not None:
+            self.show("failed" if failed else f"done, {human(self.bytes)}" if self.bytes else "already present")
+            print(file=sys.stderr, flush=True)
+            self.line = None
 
 
 def images(args) -> int:

@@ -9,10 +9,12 @@ digest and size while it streams.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import platform
 import tarfile
+import time
 from typing import Callable
 
 from .reference import Reference
@@ -24,7 +26,11 @@ REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
 _ARCHES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "armv6l": "arm", "i686": "386",
            "i386": "386", "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
-Progress = Callable[[str, int, int], None]  # (what, done, total)
+# progress(what, done, total): layer ``done`` of ``total`` starts. A callback with a
+# ``bytes_done`` keyword (images_cli's) is also told, a few times a second, how much of
+# the layer streamed (bytes_done=, bytes_total=: None when unknown), and once at the end
+# (done == total); one with three parameters only hears of layers, as it always did.
+Progress = Callable[..., None]
 
 
 class ImageError(Exception):
@@ -85,16 +91,31 @@ def _finish(reference: Reference, store: Store, manifest_bytes: bytes | None, ma
                          f"layers (rootfs.diff_ids), its manifest {len(layers)}")
     for diff_id in diff_ids:
         hex_of(diff_id, f"a diff_id in the config of {reference}")
+    detailed = progress is not None and _takes_bytes(progress)
     for i, diff_id in enumerate(diff_ids):
-        what = f"layer {i + 1}/{len(diff_ids)} of {reference} ({layers[i].get('digest', diff_id)})"
+        what = f"layer {i + 1}/{len(diff_ids)} of {reference} ({layers[i].get('digest') or diff_id})"
         if progress:
             progress(what, i, len(diff_ids))
         if store.has_layer(diff_id):
             continue
         with open_layer(i) as stream:
-            store.add_layer(stream, diff_id, what)
+            size = layers[i].get("size")
+            counted = _Counted(stream, lambda n: progress(what, i, len(diff_ids), bytes_done=n, bytes_total=size))
+            try:
+                store.add_layer(counted if detailed else stream, diff_id, what)
+            except StoreError:
+                # A blob that is not what its digest says breaks gzip or tar first; the
+                # digest (or truncation) is the cause worth naming.
+                if isinstance(stream, Verified):
+                    stream.check()
+                raise
             if isinstance(stream, Verified):
                 stream.check()
+            if detailed:  # the whole blob, its trailer too
+                progress(what, i, len(diff_ids), bytes_done=getattr(stream, "read_bytes", counted.done),
+                         bytes_total=size)
+    if detailed:
+        progress(f"{len(diff_ids)} layers of {reference}", len(diff_ids), len(diff_ids))
     image_config = config.get("config") or {}
     record = {
         "reference": str(reference),
@@ -112,6 +133,30 @@ def _finish(reference: Reference, store: Store, manifest_bytes: bytes | None, ma
     store.put_blob(_Bytes(config_bytes), config_digest, len(config_bytes), f"the config of {reference}")
     store.save_image(record)
     return record
+
+
+def _takes_bytes(progress: Progress) -> bool:
+    try:
+        parameters = inspect.signature(progress).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "bytes_done" or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+class _Counted:
+    """A stream that reports how much of it was read, at most ten times a second."""
+
+    def __init__(self, stream, report: Callable[[int], None]) -> None:
+        self.stream, self.report, self.done, self.last = stream, report, 0, 0.0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.done += len(data)
+        now = time.monotonic()
+        if now - self.last >= 0.1 or not data:
+            self.last = now
+            self.report(self.done)
+        return data
 
 
 class _Bytes:
@@ -276,7 +321,11 @@ def _member(archive: tarfile.TarFile, name: str, reference: Reference, cap: int 
     return data
 
 
-def import_image(reference: Reference, store: Store, progress: Progress | None = None) -> dict:
+def import_image(reference: Reference, store: Store, progress: Progress | None = None, insecure=()) -> dict:
+    """``reference`` into ``store``; ``insecure``: registries (host[:port]) that may use plain http."""
+    if reference.transport == "docker":
+        from . import registry
+        return registry.import_registry(reference, store, progress, insecure)
     if reference.transport == "oci":
         return import_oci(reference, store, progress)
     if reference.transport == "docker-archive":
