@@ -8,7 +8,8 @@
 #    installing python3-venv with apt-get first if python3 cannot make one;
 # 2. installs this package editable with its test and docs extras;
 # 3. runs `pytest tests -p no:cacheprovider -ra [extra args]` twice: in the default
-#    mode, then with mode "fresh" as every inner run's default;
+#    mode, then with mode "fresh" as every inner run's default (with the Debian image
+#    of ci/images/debian.sh when it is cached: PYTEST_ISOLATE_DEBIAN_IMAGE);
 # 4. builds the docs with `mkdocs build --strict` (when mkdocs.yml exists).
 # Exits non-zero if any step fails; pytest collecting no tests (exit 5) is a
 # failure too. Set PYTHON to use another interpreter than `python3` on PATH.
@@ -28,6 +29,13 @@ VPY=$VENV/bin/python
 
 section "installing pytest-isolate (editable) with extras test,docs"
 "$VPY" -m pip install -e ".[test,docs]"
+
+# tests/test_debian_image.py runs in the Debian image of ci/images/debian.sh (built as
+# root; .ci/run does): the cached one is used when there is one, else those tests skip.
+if [ -z "${PYTEST_ISOLATE_DEBIAN_IMAGE:-}" ] && debian_image=$(bash ci/images/debian.sh --cached 2>/dev/null); then
+    export PYTEST_ISOLATE_DEBIAN_IMAGE=$debian_image
+fi
+echo "Debian image: ${PYTEST_ISOLATE_DEBIAN_IMAGE:-none cached (tests/test_debian_image.py skips; bash ci/images/debian.sh builds it)}"
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
