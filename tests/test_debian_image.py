@@ -28,7 +28,7 @@ import pytest
 
 VARIABLE = "PYTEST_ISOLATE_DEBIAN_IMAGE"
 PUBLISHED = "/var/cache/pytest-isolate-images/debian-bookworm"
-BUILD = "bash ci/images/debian.sh (as root; .ci/run does)"
+BUILD = "`bash ci/images/debian.sh` (as root; .ci/run does)"
 DOCKER_REGISTRY = "/usr/bin/docker-registry"
 HOST_ONLY = [p for p in ("/usr/bin/skopeo", "/usr/bin/umoci", "/usr/sbin/debootstrap") if os.path.exists(p)]
 
@@ -45,8 +45,7 @@ def image_dir() -> str | None:
 
 IMAGE_DIR = image_dir()
 pytestmark = [
-    pytest.mark.skipif(IMAGE_DIR is None, reason=f"no Debian image: run `{BUILD}`, then set {VARIABLE} to the "
-                                                 "directory it prints"),
+    pytest.mark.skipif(IMAGE_DIR is None, reason=f"no Debian image: build it with {BUILD}"),
     pytest.mark.skipif(sys.version_info[:2] != (3, 11),
                        reason="bookworm's python3 is 3.11: the controller's pytest is bound in only then"),
 ]
@@ -57,7 +56,7 @@ def image() -> dict[str, str]:
     """The image's references by transport, and the key its /etc/pytest-isolate-image holds."""
     assert IMAGE_DIR is not None
     if not os.path.isfile(os.path.join(IMAGE_DIR, "complete")):
-        pytest.fail(f"{VARIABLE}={os.environ.get(VARIABLE)} names no complete Debian image: run `{BUILD}`")
+        pytest.fail(f"{VARIABLE}={os.environ.get(VARIABLE)} names no complete Debian image: build it with {BUILD}")
     return {"oci": f"oci:{IMAGE_DIR}/oci:bookworm", "archive": f"docker-archive:{IMAGE_DIR}/debian.tar",
             "key": os.path.basename(IMAGE_DIR).rsplit("-", 1)[-1]}
 
@@ -100,7 +99,7 @@ def inner_tests(image: dict[str, str], *names: str) -> str:
 def test_oci_and_docker_archive(pytester, run, image, shared_store, monkeypatch, mode) -> None:
     monkeypatch.setenv("PYTEST_ISOLATE_CACHE", shared_store)
     pytester.makepyfile(test_inside=inner_tests(image, "oci", "archive"))
-    result = run(f"--isolate-mode={mode}", "-p", "no:randomly", timeout=600)
+    result = run(f"--isolate-mode={mode}", timeout=600)
     result.assert_outcomes(passed=4)
     for name in ("oci", "archive"):
         assert f"container host ({mode} mode, image {image[name]})" in result.stdout.str()
