@@ -120,12 +120,14 @@ def registry(tmp_path_factory) -> str:
     port = free_port()
     (folder / "config.yml").write_text(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
                                        f"    rootdirectory: {folder / 'storage'}\nhttp:\n  addr: 127.0.0.1:{port}\n")
+    log = open(folder / "registry.log", "wb")  # not a pipe: it logs every HEAD of a blob not pushed yet
     process = subprocess.Popen([DOCKER_REGISTRY, "serve", str(folder / "config.yml")], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=log)
     try:
         deadline = time.monotonic() + 60
         while True:  # polling until it answers, not waiting for a guessed duration
-            assert process.poll() is None, f"docker-registry exited {process.returncode}: {process.stderr.read()}"
+            assert process.poll() is None, \
+                f"docker-registry exited {process.returncode}: {(folder / 'registry.log').read_text()}"
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2).close()
                 break
@@ -136,6 +138,7 @@ def registry(tmp_path_factory) -> str:
     finally:
         process.terminate()
         process.wait(30)
+        log.close()
 
 
 def test_docker_registry_two_workers_one_store(pytester, run, image, registry, tmp_path, monkeypatch) -> None:
