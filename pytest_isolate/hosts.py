@@ -255,7 +255,8 @@ class ContainerHost:
         self._send("run", nodeid=nodeid, mode=settings.mode, timeout=settings.timeout, fresh_arg=fresh_arg,
                    seccomp_programs=programs, in_zygote=plan.group is not None, events_cap=events_cap,
                    capture_cap=capture_cap,
-                   container_config={"hostname": settings.hostname, "env": dict(settings.env),
+                   container_config={"hostname": settings.hostname, "network": settings.network,
+                                     "env": dict(settings.env),
                                      "mounts": mounts, "cwd": self.cwd, "cap_add": list(settings.cap_add),
                                      "system_paths": settings.system_paths, "landlock": landlock,
                                      "rlimits": [list(limit) for limit in plan.rlimits]})

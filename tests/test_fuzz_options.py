@@ -106,6 +106,7 @@ VALID_TEXT = {  # single-line strings, as the command line and ini files give th
     "pids": st.integers(2, 10**6).map(str), "ulimits": ulimit, "limits": st.sampled_from(["strict", "best-effort"]),
     "capture_limit": size(1, 1024),
     "python": st.sampled_from(["auto", "/usr/bin/python3", "/usr/local/bin/python3.12"]),
+    "network": st.sampled_from(["none", "backend"]) | st.from_regex(r"[a-z0-9][a-z0-9_.-]{0,12}", fullmatch=True),
 }
 VALID = {**VALID_TEXT,  # and what a marker can give too
          "timeout": st.one_of(st.none(), st.just(0), positive, VALID_TEXT["timeout"]),
@@ -175,6 +176,8 @@ def check_shape(name: str, got) -> None:
         assert got is None or (type(got) is float and 0.01 <= got < 1e6)
     elif name == "capture_limit":
         assert type(got) is int and 4096 <= got <= 1 << 30
+    elif name == "network":
+        assert got == "none" or (re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", got) and got != "host")
     elif name == "python":
         assert got == "auto" or (got.startswith("/") and posixpath.normpath(got) == got)
     elif name == "ulimits":

@@ -27,7 +27,7 @@ import socket
 from . import link, namespaces, network, process, rootfs, syscalls, tiny_init
 
 
-def serve(channel: link.Channel, entries: list[dict]) -> None:
+def serve(channel: link.Channel, entries: list[dict], library_path: str | None = None) -> None:
     """The factory's loop, until the host is gone."""
     process.set_name("isolate-factory")
     # Inits are reaped by the kernel, and so are the orphans they inherit (they
@@ -39,13 +39,14 @@ def serve(channel: link.Channel, entries: list[dict]) -> None:
     # back into it would need real root.
     syscalls.unshare(syscalls.CLONE_NEWNS)
     home = namespaces.open_own(ns.name for ns in namespaces.JOINED)
+    networks = network.Networks(home["net"], library_path)
     while True:
         received = channel.receive("build")
         if received is None:
             return  # the host is gone
         _, request, _ = received
         try:
-            fds = _container(entries, request)
+            fds = _container(entries, request, networks)
         except Exception as exc:
             channel.send("build_failed", id=request["id"], message=process.describe_error(exc),
                          step=getattr(exc, "step", "init"))
@@ -59,14 +60,19 @@ def serve(channel: link.Channel, entries: list[dict]) -> None:
                 os.close(fd)
 
 
-def _container(entries: list[dict], request: dict) -> list[int]:
+def _container(entries: list[dict], request: dict, networks: network.Networks) -> list[int]:
     """Build one container around the factory; its namespace fds (namespaces.FILES)
     and init's pidfd."""
+    if request["network"] != network.NONE:
+        networks.prepare(request["network"])  # at home: before the unshare below
     syscalls.unshare(namespaces.JOINED_FLAGS)
     fds = namespaces.open_own(ns.name for ns in namespaces.JOINED)
     try:
-        rootfs.build_test_root(entries, request["mounts"])
+        root = rootfs.build_test_root(entries, request["mounts"])
         network.bring_up_loopback()
+        if request["network"] != network.NONE:
+            addresses = networks.attach(request["network"], request["id"])
+            rootfs.place_file(root, "/etc/hosts", network.hosts_file(request["hostname"], addresses))
         socket.sethostname(request["hostname"])
         # unshare(CLONE_NEWPID) applies to the caller's next children only: init is
         # the first, pid 1 of the namespace, born in the namespaces built above.

@@ -41,9 +41,21 @@ def launcher_command(python: str, host_python: str | None = None, **spec) -> str
         "from pytest_isolate.runtime.launch import main; main()"
     )
     spec.setdefault("env", None)
+    spec["library_path"] = _pyroute2_parent()
     spec["python_path"] = [PACKAGE_PARENT] + spec.get("python_path", []) if spec["env"] is not None else []
     parts = [python, "-S", "-c", bootstrap, "--spec", link.to_text("spec", **spec), "--exec", host_python or python]
     return " ".join(shlex.quote(p) for p in parts)
+
+
+def _pyroute2_parent() -> str | None:
+    """Where pyroute2 lies (found, not imported): the factory imports it from there
+    for private networks (the launcher runs without site-packages, -S)."""
+    import importlib.util
+
+    found = importlib.util.find_spec("pyroute2")
+    if found is None or not found.submodule_search_locations:
+        return None
+    return os.path.dirname(os.path.realpath(list(found.submodule_search_locations)[0]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         if factory_end is not None:
             # The factory is the host's child: when the host (pid 1) ends, the kernel
             # kills and reaps it at once, instead of waiting for another reaper.
-            _fork_factory(host_end, factory_end, spec["entries"])
+            _fork_factory(host_end, factory_end, spec["entries"], spec["library_path"])
         os.execv(command[0], command)
     for end in (host_end, factory_end):
         if end is not None:
@@ -153,7 +165,8 @@ def _lock_stage_mounts(launched: dict) -> None:
                                  f"{exc.strerror}): tests with cap_add=SYS_ADMIN are refused")
 
 
-def _fork_factory(host_end: link.Channel, factory_end: link.Channel, entries: list[dict]) -> None:
+def _fork_factory(host_end: link.Channel, factory_end: link.Channel, entries: list[dict],
+                  library_path: str | None) -> None:
     """The init factory (see factory.py): forked now, while this process is small."""
     host = os.getpid()
     if os.fork() == 0:
@@ -164,7 +177,7 @@ def _fork_factory(host_end: link.Channel, factory_end: link.Channel, entries: li
             os.dup2(null, 0)  # execnet's pipes belong to the host alone
             os.dup2(null, 1)
             os.close(null)
-            factory.serve(factory_end, entries)
+            factory.serve(factory_end, entries, library_path)
         finally:
             os._exit(0)
     factory_end.close()

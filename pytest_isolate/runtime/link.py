@@ -53,10 +53,11 @@ _OPT_NUM = (int, float, type(None))
 MESSAGES: dict[str, dict[str, object]] = {
     # launcher: argv in (the spec), environment out (what the host must know)
     "spec": {"entries": list, "sources": list, "cwd": str, "hostname": str,
-             "env": (dict, type(None)), "python_path": list},  # env: an image's own, replacing ours
+             "env": (dict, type(None)), "python_path": list,
+             "library_path": _OPT_STR},  # env: an image's own, replacing ours
     "launched": {"error": _OPT_STR, "notes": list, "factory_fd": (int, type(None)), "mounts_unlocked": _OPT_STR},
     # host <-> factory (namespace fds and init's pidfd come with "built")
-    "build": {"id": int, "mounts": list, "hostname": str},
+    "build": {"id": int, "mounts": list, "hostname": str, "network": str},
     "built": {"id": int},
     "build_failed": {"id": int, "message": str, "step": str},
     # host <-> zygote (a test's files, its job pipe and namespaces come with "fork")
