@@ -120,7 +120,8 @@ class Controller:
             self.hosts[key] = host
         return host
 
-    def run(self, item: pytest.Item, nextitem: pytest.Item | None, settings: Settings) -> None:
+    def run(self, item: pytest.Item, nextitem: pytest.Item | None, settings: Settings,
+            services: list[dict] = ()) -> None:
         caps = settings_caps(settings)
         replay = Replay(item, settings, *caps)
         try:
@@ -136,7 +137,8 @@ class Controller:
                 replay.host_failed(plan.error)
             elif programs is not None:
                 try:
-                    for name, data in host.run(item.nodeid, settings, self._fresh_arg(item), plan, caps, programs):
+                    for name, data in host.run(item.nodeid, settings, self._fresh_arg(item), plan, caps, programs,
+                                                 list(services)):
                         getattr(replay, "host_" + name)(data)
                 except boundary.Tampering as exc:  # the host itself broke the protocol
                     raise HostError(f"the container host sent a broken message ({exc}); it was killed") from None

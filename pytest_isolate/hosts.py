@@ -239,7 +239,7 @@ class ContainerHost:
         return (ns.st_dev, ns.st_ino) == (theirs.st_dev, theirs.st_ino)
 
     def run(self, nodeid: str, settings: Settings, fresh_arg: str, plan, caps: tuple[int, int],
-            programs: list[str]):
+            programs: list[str], services: list[dict] = ()):
         """Send one test and yield what comes back: ("events", {chunk}) now and then,
         and last ("done", {...}). Their values unchecked: the caller checks (replay.py)."""
         mounts = [
@@ -254,7 +254,7 @@ class ContainerHost:
         events_cap, capture_cap = caps
         self._send("run", nodeid=nodeid, mode=settings.mode, timeout=settings.timeout, fresh_arg=fresh_arg,
                    seccomp_programs=programs, in_zygote=plan.group is not None, events_cap=events_cap,
-                   capture_cap=capture_cap,
+                   capture_cap=capture_cap, services=list(services),
                    container_config={"hostname": settings.hostname, "network": settings.network,
                                      "env": dict(settings.env),
                                      "mounts": mounts, "cwd": self.cwd, "cap_add": list(settings.cap_add),

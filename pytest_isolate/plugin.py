@@ -3,6 +3,7 @@ container hosts (``controller.py``) and replay what comes back."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import warnings
@@ -10,11 +11,12 @@ from typing import Any
 
 import pytest
 
-from . import limits, shared_support
+from . import limits, services, shared_support
 from . import options as opts
 
 MARKER = "isolated"
 settings_key = pytest.StashKey[opts.Settings]()
+services_key = pytest.StashKey[list]()  # the services a test uses (services.specs_for)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -173,7 +175,11 @@ class IsolatePlugin:
             self._check_marker_names(item, registered)
             layers = self._marker_layers(item)
             if layers is not None:
-                settings = item.stash[settings_key] = opts.merge(self.base_layers + layers)
+                settings = opts.merge(self.base_layers + layers)
+                wanted = item.stash[services_key] = services.specs_for(item)
+                if wanted and settings.network == "none":  # a test that uses a service reaches it
+                    settings = dataclasses.replace(settings, network=services.DEFAULT_NETWORK)
+                item.stash[settings_key] = settings
                 problem = settings.problem()
                 if problem:
                     raise pytest.UsageError(f"{item.nodeid}: invalid {problem[0]!r} (from "
@@ -197,7 +203,7 @@ class IsolatePlugin:
         if settings is None:
             return None
         item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-        self.controller.run(item, nextitem, settings)
+        self.controller.run(item, nextitem, settings, item.stash.get(services_key, []))
         item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
         return True
 

@@ -46,7 +46,7 @@ def serve(channel: link.Channel, entries: list[dict], library_path: str | None =
             return  # the host is gone
         _, request, _ = received
         try:
-            fds = _container(entries, request, networks)
+            fds, addresses = _container(entries, request, networks)
         except Exception as exc:
             channel.send("build_failed", id=request["id"], message=process.describe_error(exc),
                          step=getattr(exc, "step", "init"))
@@ -54,15 +54,15 @@ def serve(channel: link.Channel, entries: list[dict], library_path: str | None =
         finally:
             _go_home(home)
         try:
-            channel.send("built", fds, id=request["id"])
+            channel.send("built", fds, id=request["id"], addresses=addresses)
         finally:
             for fd in fds:
                 os.close(fd)
 
 
-def _container(entries: list[dict], request: dict, networks: network.Networks) -> list[int]:
-    """Build one container around the factory; its namespace fds (namespaces.FILES)
-    and init's pidfd."""
+def _container(entries: list[dict], request: dict, networks: network.Networks) -> tuple[list[int], list[str]]:
+    """Build one container around the factory; its namespace fds (namespaces.FILES),
+    init's pidfd and, for a service, its /proc/net/tcp and tcp6; its addresses."""
     if request["network"] != network.NONE:
         networks.prepare(request["network"])  # at home: before the unshare below
     syscalls.unshare(namespaces.JOINED_FLAGS)
@@ -70,9 +70,14 @@ def _container(entries: list[dict], request: dict, networks: network.Networks) -
     try:
         root = rootfs.build_test_root(entries, request["mounts"])
         network.bring_up_loopback()
+        addresses = []
         if request["network"] != network.NONE:
-            addresses = networks.attach(request["network"], request["id"])
-            rootfs.place_file(root, "/etc/hosts", network.hosts_file(request["hostname"], addresses))
+            addresses = networks.attach(request["network"], request["id"], request["host_number"])
+            rootfs.place_file(root, "/etc/hosts", network.hosts_file(request["hostname"], addresses,
+                                                                      request["hosts"]))
+        if request["watch_ports"]:  # a service: the host sees its listening sockets
+            fds["tcp"] = os.open("/proc/self/net/tcp", os.O_RDONLY | os.O_CLOEXEC)
+            fds["tcp6"] = os.open("/proc/self/net/tcp6", os.O_RDONLY | os.O_CLOEXEC)
         socket.sethostname(request["hostname"])
         # unshare(CLONE_NEWPID) applies to the caller's next children only: init is
         # the first, pid 1 of the namespace, born in the namespaces built above.
@@ -84,7 +89,8 @@ def _container(entries: list[dict], request: dict, networks: network.Networks) -
         for fd in fds.values():
             os.close(fd)
         raise
-    return [fds[name] for name in namespaces.FILES] + [fds["init"]]
+    watched = [fds[name] for name in ("tcp", "tcp6") if name in fds]
+    return [fds[name] for name in namespaces.FILES] + [fds["init"]] + watched, addresses
 
 
 def _go_home(home: dict[str, int]) -> None:

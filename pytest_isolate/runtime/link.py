@@ -57,8 +57,9 @@ MESSAGES: dict[str, dict[str, object]] = {
              "library_path": _OPT_STR},  # env: an image's own, replacing ours
     "launched": {"error": _OPT_STR, "notes": list, "factory_fd": (int, type(None)), "mounts_unlocked": _OPT_STR},
     # host <-> factory (namespace fds and init's pidfd come with "built")
-    "build": {"id": int, "mounts": list, "hostname": str, "network": str},
-    "built": {"id": int},
+    "build": {"id": int, "mounts": list, "hostname": str, "network": str, "hosts": list,
+              "host_number": (int, type(None)), "watch_ports": bool},  # the last two: services
+    "built": {"id": int, "addresses": list},
     "build_failed": {"id": int, "message": str, "step": str},
     # host <-> zygote (a test's files, its job pipe and namespaces come with "fork")
     "zygote_ready": {"pid": (int, type(None))},
@@ -68,7 +69,8 @@ MESSAGES: dict[str, dict[str, object]] = {
     "reap": {"pid": int},
     "reaped": {"pid": int, "status": int, "usage": dict},
     # host -> test (the job pipe), and the fresh interpreter's job (environment)
-    "job": {"nodeid": str, "fresh_arg": str, "deadline": _OPT_NUM, "capture_cap": int},
+    "job": {"nodeid": str, "fresh_arg": str, "deadline": _OPT_NUM, "capture_cap": int, "services": dict},
+    "service_job": {"argv": list},  # a service's process (services_container.py)
     "fresh_job": {"job": dict, "files": dict, "start": dict},
     # test -> host -> controller: a test's events (checked deeply by boundary.py)
     "report": {"data": _ANY},
@@ -83,7 +85,8 @@ MESSAGES: dict[str, dict[str, object]] = {
     "start": {"entries": list, "args": list, "option_dict": dict, "workerinput": dict, "sys_path": list,
               "argv": list, "collect": bool, "shared": list, "own_stdlib": bool},
     "run": {"nodeid": str, "mode": str, "timeout": _OPT_NUM, "fresh_arg": str, "seccomp_programs": list,
-            "in_zygote": bool, "events_cap": int, "capture_cap": int, "container_config": dict},
+            "in_zygote": bool, "events_cap": int, "capture_cap": int, "container_config": dict,
+            "services": list},
     "zygote": {},
     "shutdown": {},
     # host -> controller (checked deeply by the controller: a host runs test code)
@@ -216,7 +219,7 @@ def send(fd: int, name: str, fields: dict | None = None) -> None:
         view = view[written:]
 
 
-def read_one(fd: int, expected: str) -> dict | None:
+def read_one(fd: int, expected: str | tuple[str, ...]) -> dict | None:
     """The single frame a trusted writer sent on ``fd``, read to end-of-file (None if
     it sent nothing at all); the fd is closed."""
     chunks = []
@@ -228,7 +231,7 @@ def read_one(fd: int, expected: str) -> dict | None:
     if not chunks:
         return None
     data = b"".join(chunks)
-    return check(_parse(data[HEADER_SIZE:]), (expected,))[1]
+    return check(_parse(data[HEADER_SIZE:]), (expected,) if isinstance(expected, str) else expected)[1]
 
 
 class Reader:

@@ -106,13 +106,16 @@ class Networks:
         self.bridges[name] = index
         self.next_host[name] = _FIRST_CONTAINER
 
-    def attach(self, name: str, request_id: int) -> list[str]:
+    def attach(self, name: str, request_id: int, host: int | None = None) -> list[str]:
         """In the container's fresh network namespace: ``eth0`` on the network;
-        its addresses (IPv4, IPv6)."""
+        its addresses (IPv4, IPv6). ``host``: a service's fixed host number (2-254)."""
         IPRoute = _iproute(self.library_path)
         v4, v6 = subnets(self.numbers[name])
-        host = self.next_host[name]
-        self.next_host[name] = _next_host(host)
+        if host is None:
+            host = self.next_host[name]
+            self.next_host[name] = _next_host(host)
+        elif not 2 <= host < 255:
+            raise ValueError(f"a service's host number is 2 to 254, not {host}")
         address4, address6 = v4.network_address + host, v6.network_address + host
         outside = f"isolate-v{request_id}"
         with IPRoute() as inside:

@@ -88,7 +88,7 @@ def _test(namespace_fds: dict, config: dict, payload, go_fd: int, event_fd: int,
         landlock.restrict_writes(config["landlock"])
     for program in config.get("seccomp_programs", ()):
         seccomp.load(link.from_binary(program))
-    job = link.read_one(go_fd, "job")
+    job = link.read_one(go_fd, ("job", "service_job"))  # a service's job has "argv"
     if job is None:
         os._exit(0)
     set_rlimits(config.get("rlimits", ()))
