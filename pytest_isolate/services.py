@@ -85,7 +85,7 @@ def service(name: str, command: list[str] | tuple[str, ...], *, ready: Ready | N
         raise pytest.UsageError(f"pytest_isolate.service(): got the name {name!r}; accepted: a Python identifier "
                                 "(it is the fixture's name and the service's host name), e.g. 'redis'")
     if isinstance(command, str) or not isinstance(command, (list, tuple)) or not command or \
-            not all(isinstance(part, str) and part and "\0" not in part for part in command):
+            not all(isinstance(part, str) and "\0" not in part for part in command) or not command[0]:
         raise pytest.UsageError(f"{where}: command: got {command!r}; accepted: a non-empty list of strings, "
                                 "e.g. ['redis-server', '--save', '']")
     if ready is not None and not isinstance(ready, Ready):
