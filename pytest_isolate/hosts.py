@@ -256,6 +256,7 @@ class ContainerHost:
                    seccomp_programs=programs, in_zygote=plan.group is not None, events_cap=events_cap,
                    capture_cap=capture_cap, services=list(services),
                    container_config={"hostname": settings.hostname, "network": settings.network,
+                                     "describe": _describe(settings, plan, services),
                                      "env": dict(settings.env),
                                      "mounts": mounts, "cwd": self.cwd, "cap_add": list(settings.cap_add),
                                      "system_paths": settings.system_paths, "landlock": landlock,
@@ -303,3 +304,13 @@ def settings_caps(settings: Settings) -> tuple[int, int]:
     container), so the events may take several times the capture cap."""
     capture = settings.capture_limit
     return 8 * capture + (16 << 20), capture
+
+
+def _describe(settings: Settings, plan, services) -> dict:
+    """What the isolated_container fixture says (container_info.py); the host adds
+    the addresses."""
+    limits = {"memory": settings.memory, "memory_swap": settings.memory_swap, "cpus": settings.cpus,
+              "pids": settings.pids, "timeout": settings.timeout,
+              "ulimits": {name: [soft, hard] for name, soft, hard in settings.ulimits}}
+    return {"hostname": settings.hostname, "network": settings.network, "limits": limits,
+            "enforcement": plan.enforcement, "services": [spec["name"] for spec in services]}

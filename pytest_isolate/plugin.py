@@ -13,6 +13,7 @@ import pytest
 
 from . import limits, services, shared_support
 from . import options as opts
+from .container_info import isolated_container  # noqa: F401 - the fixture, for every test
 
 MARKER = "isolated"
 settings_key = pytest.StashKey[opts.Settings]()

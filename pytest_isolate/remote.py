@@ -35,7 +35,9 @@ import time
 
 import pytest
 
-from pytest_isolate import coverage_container, fresh, reporter, services_container, services_host, shared_container
+from pytest_isolate import (
+    container_info, coverage_container, fresh, reporter, services_container, services_host, shared_container,
+)
 from pytest_isolate.runtime import hugepages, launch, link, masks, pipeline, process
 from pytest_isolate.runtime.supervisor import Supervisor, read_capped
 from pytest_isolate.runtime.zygote import Zygote
@@ -162,7 +164,8 @@ class Host:
                              step=getattr(exc, "step", "start"))
             return
         deadline = time.monotonic() + timeout if timeout else None
-        test.go(nodeid=nodeid, fresh_arg=fresh_arg, deadline=deadline, capture_cap=capture_cap, services=found)
+        test.go(nodeid=nodeid, fresh_arg=fresh_arg, deadline=deadline, capture_cap=capture_cap, services=found,
+                container=dict(container_config["describe"], addresses=test.namespaces.addresses))
         if not in_zygote:
             self.pipeline.prepare_next(config, zygote)  # while this test runs
         supervisor = Supervisor(test.test_pidfd, test.events_fd, deadline and deadline + KILL_GRACE,
@@ -214,6 +217,7 @@ class Host:
         self.fixtures.reporter = test
         self.shared.forget_in_test()
         services_container.set_current(job["services"])
+        container_info.set_current(job["container"])
         test.run_item(self.items[job["nodeid"]], job["deadline"])
 
 

@@ -235,3 +235,39 @@ def test_network_from_the_command_line_and_ini(pytester, run) -> None:
     run().assert_outcomes(passed=1)
     result = run("--isolate-network=none")
     result.assert_outcomes(failed=1)
+
+
+def test_the_isolated_container_fixture_describes_the_container(pytester, run) -> None:
+    pytester.makepyfile(test_info="""
+        import ipaddress, pytest
+        import pytest_isolate as isolate
+
+        svc = isolate.service("svc", ["sleep", "600"])
+
+        @pytest.mark.isolated(network="backend", hostname="box", memory="256m", pids=64, timeout=120,
+                              ulimits={"nofile": 512})
+        def test_described(isolated_container, svc):
+            info = isolated_container
+            assert info.hostname == "box" and info.network == "backend"
+            assert ipaddress.ip_address(info.addresses[0]) in ipaddress.ip_network("10.101.0.0/16")
+            assert info.limits["memory"] == 256 << 20 and info.limits["pids"] == 64
+            assert info.limits["timeout"] == 120 and info.limits["ulimits"] == {"nofile": [512, 512]}
+            assert info.limits["cpus"] is None
+            assert info.enforcement, "limits were asked for: it says how they are enforced"
+            assert info.services == ("svc",)
+            before = info.usage()
+            sum(range(3_000_000))
+            assert info.usage().cpu_seconds > before.cpu_seconds and before.max_rss > 0
+
+        @pytest.mark.isolated
+        def test_plain_none(isolated_container):
+            assert isolated_container.network == "none" and isolated_container.addresses == ()
+            assert isolated_container.enforcement == "" and isolated_container.hostname == "isolated"
+
+        def test_not_isolated(isolated_container):
+            pass
+    """)
+    result = run("-p", "no:randomly", "--isolate-limits=best-effort")
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["*isolated_container describes the container of an isolated test: mark the test "
+                                 "@pytest.mark.isolated (or run with --isolate)*"])

@@ -69,7 +69,8 @@ MESSAGES: dict[str, dict[str, object]] = {
     "reap": {"pid": int},
     "reaped": {"pid": int, "status": int, "usage": dict},
     # host -> test (the job pipe), and the fresh interpreter's job (environment)
-    "job": {"nodeid": str, "fresh_arg": str, "deadline": _OPT_NUM, "capture_cap": int, "services": dict},
+    "job": {"nodeid": str, "fresh_arg": str, "deadline": _OPT_NUM, "capture_cap": int, "services": dict,
+            "container": dict},
     "service_job": {"argv": list},  # a service's process (services_container.py)
     "fresh_job": {"job": dict, "files": dict, "start": dict},
     # test -> host -> controller: a test's events (checked deeply by boundary.py)
