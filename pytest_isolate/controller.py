@@ -38,6 +38,7 @@ class Controller:
         self.limiter = Limiter()
         self.usages: list = []
         self.shared_wanted: dict[tuple[str, str], list] = {}
+        self.allowed: dict[tuple[str, str], set] = {}  # (mode, image key) -> allow= targets
         self.teardown_errors: list[str] = []
         self.pull_policy = "missing"
         self.coverage = coverage_support.CoverageCollector(config)
@@ -74,6 +75,8 @@ class Controller:
         bind them when they start."""
         for item, settings in planned:
             self._image_specs[settings.image_key()] = (settings.image, settings.python)
+            # What the host's relay may connect to: every allow= of its tests.
+            self.allowed.setdefault((settings.mode, settings.image_key()), set()).update(settings.allow)
             try:
                 self.image(settings.image_key())
             except images.ImageProblem as exc:

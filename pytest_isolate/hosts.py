@@ -109,7 +109,9 @@ class ContainerHost:
         image = self.built
         xspec.python = launch.launcher_command(sys.executable, image.python, entries=self.entries,
                                                sources=self.sources, cwd=self.cwd, hostname=DEFAULT_HOSTNAME,
-                                               env=image.env, python_path=image.sys_path or [])
+                                               env=image.env, python_path=image.sys_path or [],
+                                               allow=sorted(map(list, self.controller.allowed.get(
+                                                   (self.mode, self.image), ()))))
         try:
             with coverage_support.host_environment():
                 self.gateway = self.controller.group.makegateway(xspec)
@@ -256,6 +258,7 @@ class ContainerHost:
                    seccomp_programs=programs, in_zygote=plan.group is not None, events_cap=events_cap,
                    capture_cap=capture_cap, services=list(services),
                    container_config={"hostname": settings.hostname, "network": settings.network,
+                                     "allow": [list(target) for target in settings.allow],
                                      "describe": _describe(settings, plan, services),
                                      "env": dict(settings.env),
                                      "mounts": mounts, "cwd": self.cwd, "cap_add": list(settings.cap_add),

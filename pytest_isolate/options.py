@@ -80,6 +80,7 @@ class Settings:
     capture_limit: int = DEFAULT_CAPTURE_LIMIT
     python: str = "auto"
     network: str = "none"
+    allow: tuple[tuple[str, int, str], ...] = ()
 
     def image_key(self) -> str:
         """The image with the interpreter its container host runs: one host each."""
@@ -345,7 +346,7 @@ def parse_capture_limit(value: Any, base: str) -> int:
 from .hardening import (  # noqa: E402 - they use OptionError and _show above
     parse_cap_add, parse_landlock, parse_seccomp, parse_system_paths,
 )
-from .network_options import parse_network  # noqa: E402
+from .network_options import parse_allow, parse_network  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,6 +382,8 @@ OPTIONS = (
            ":rw (repeatable)", "SRC:DST[:ro|rw]", multiple=True),
     Option("network", parse_network, "none (default: only lo) or the name of a private network the "
            "containers of this run share", "none|NAME"),
+    Option("allow", parse_allow, "a service of this machine the containers may reach, through a relay "
+           "(repeatable)", "HOST:PORT[/tcp|udp]", multiple=True),
     Option("seccomp", parse_seccomp, "seccomp profile: default (Docker-like allowlist), "
            "unconfined, or a profile file in Docker's JSON format", "PROFILE"),
     Option("cap_add", parse_cap_add, "capabilities kept inside the containers' user namespace "

@@ -65,9 +65,11 @@ def _hint(report: pytest.TestReport, settings: Settings) -> str | None:
         if settings.network == "none":
             return ("The container has no network but its own lo (network='none'): 127.0.0.1 is the container's, "
                     "not this machine's, and nothing else is reachable. Put the test and its servers on a private "
-                    "network: @pytest.mark.isolated(network='NAME') (see docs/networks.md).")
+                    "network: @pytest.mark.isolated(network='NAME'), or let it reach a port of this machine: "
+                    "allow=['127.0.0.1:PORT'] (see docs/networks.md).")
         return (f"The container is on the private network {settings.network!r}: only that network's containers are "
-                "reachable, by the names in its /etc/hosts; nothing outside it is.")
+                "reachable, by the names in its /etc/hosts, and this machine's ports named in allow=[...]; "
+                "nothing else is.")
     writable = [m for m in settings.mounts if not m.readonly]
     if writable and ("Permission denied" in text or "[Errno 13]" in text) and os.geteuid() == 0:
         from .runtime import user_ns

@@ -24,10 +24,11 @@ import os
 import signal
 import socket
 
-from . import link, namespaces, network, process, rootfs, syscalls, tiny_init
+from . import link, namespaces, network, process, relay, rootfs, syscalls, tiny_init
 
 
-def serve(channel: link.Channel, entries: list[dict], library_path: str | None = None) -> None:
+def serve(channel: link.Channel, entries: list[dict], library_path: str | None = None,
+          relay_channel: link.Channel | None = None) -> None:
     """The factory's loop, until the host is gone."""
     process.set_name("isolate-factory")
     # Inits are reaped by the kernel, and so are the orphans they inherit (they
@@ -46,7 +47,7 @@ def serve(channel: link.Channel, entries: list[dict], library_path: str | None =
             return  # the host is gone
         _, request, _ = received
         try:
-            fds, addresses = _container(entries, request, networks)
+            fds, addresses = _container(entries, request, networks, relay_channel)
         except Exception as exc:
             channel.send("build_failed", id=request["id"], message=process.describe_error(exc),
                          step=getattr(exc, "step", "init"))
@@ -60,7 +61,8 @@ def serve(channel: link.Channel, entries: list[dict], library_path: str | None =
                 os.close(fd)
 
 
-def _container(entries: list[dict], request: dict, networks: network.Networks) -> tuple[list[int], list[str]]:
+def _container(entries: list[dict], request: dict, networks: network.Networks,
+               relay_channel: link.Channel | None) -> tuple[list[int], list[str]]:
     """Build one container around the factory; its namespace fds (namespaces.FILES),
     init's pidfd and, for a service, its /proc/net/tcp and tcp6; its addresses."""
     if request["network"] != network.NONE:
@@ -85,12 +87,28 @@ def _container(entries: list[dict], request: dict, networks: network.Networks) -
         init = _spawn_init()
         fds["pid"] = os.open("/proc/self/ns/pid_for_children", os.O_RDONLY | os.O_CLOEXEC)
         fds["init"] = os.pidfd_open(init)
+        if request["allow"]:
+            _hand_to_relay(request["allow"], fds["init"], relay_channel, networks.library_path)
     except BaseException:
         for fd in fds.values():
             os.close(fd)
         raise
     watched = [fds[name] for name in ("tcp", "tcp6") if name in fds]
     return [fds[name] for name in namespaces.FILES] + [fds["init"]] + watched, addresses
+
+
+def _hand_to_relay(targets: list, init_pidfd: int, relay_channel: link.Channel | None,
+                   library_path: str | None) -> None:
+    """Listen on each allowed HOST:PORT inside the container (we still sit in its
+    network namespace); the relay serves them until init ends (relay.py)."""
+    if relay_channel is None:
+        raise OSError("allow= needs the relay, which this container host was started without")
+    listeners = relay.listen_inside(targets, library_path)
+    try:
+        relay_channel.send("relay", listeners + [init_pidfd], targets=targets)
+    finally:
+        for fd in listeners:
+            os.close(fd)
 
 
 def _go_home(home: dict[str, int]) -> None:

@@ -24,7 +24,7 @@ import signal
 import socket
 import sys
 
-from . import factory, link, namespaces, network, process, stage, syscalls, user_ns
+from . import factory, link, namespaces, network, process, relay, stage, syscalls, user_ns
 
 LAUNCHED_ENV = "PYTEST_ISOLATE_LAUNCHED"
 
@@ -41,6 +41,7 @@ def launcher_command(python: str, host_python: str | None = None, **spec) -> str
         "from pytest_isolate.runtime.launch import main; main()"
     )
     spec.setdefault("env", None)
+    spec.setdefault("allow", [])
     spec["library_path"] = _pyroute2_parent()
     spec["python_path"] = [PACKAGE_PARENT] + spec.get("python_path", []) if spec["env"] is not None else []
     parts = [python, "-S", "-c", bootstrap, "--spec", link.to_text("spec", **spec), "--exec", host_python or python]
@@ -63,8 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     spec = link.from_text(argv[argv.index("--spec") + 1], "spec")
     command = argv[argv.index("--exec") + 1:]
     launched = {"error": None, "notes": [], "factory_fd": None, "mounts_unlocked": None}
+    relay_channel = None
     try:
-        enter_host(spec, launched)
+        relay_channel = enter_host(spec, launched)
     except Exception as exc:  # reported by the host, see the module doc
         launched["error"] = process.describe_error(exc)
     launcher = os.getpid()
@@ -82,9 +84,9 @@ def main(argv: list[str] | None = None) -> None:
         if factory_end is not None:
             # The factory is the host's child: when the host (pid 1) ends, the kernel
             # kills and reaps it at once, instead of waiting for another reaper.
-            _fork_factory(host_end, factory_end, spec["entries"], spec["library_path"])
+            _fork_factory(host_end, factory_end, spec["entries"], spec["library_path"], relay_channel)
         os.execv(command[0], command)
-    for end in (host_end, factory_end):
+    for end in (host_end, factory_end, relay_channel):
         if end is not None:
             end.close()
     # ^C reaches the whole process group: the host handles it; the launcher only
@@ -102,9 +104,10 @@ def main(argv: list[str] | None = None) -> None:
              else 128 + os.WTERMSIG(host_status))
 
 
-def enter_host(spec: dict, launched: dict) -> None:
+def enter_host(spec: dict, launched: dict) -> link.Channel | None:
     """Build the container host's namespaces and stage around the calling,
-    single-threaded launcher (``spec``: a "spec" message). Adds to ``launched``."""
+    single-threaded launcher (``spec``: a "spec" message). Adds to ``launched``;
+    returns the channel to the allow-list relay, if the run has one."""
     controller = os.getppid()
     process.die_with_parent(controller)
     if os.geteuid() == 0:
@@ -124,6 +127,8 @@ def enter_host(spec: dict, launched: dict) -> None:
         _lock_stage_mounts(launched)
     # Changing uids (root's join above) clears the parent-death signal: set it again.
     process.die_with_parent(controller)
+    # The relay must stay in the machine's network namespace: forked before we leave it.
+    relay_channel = _fork_relay(spec["allow"]) if spec["allow"] else None
     # Module-level code of test files runs in the host during collection: give it no
     # network, no host hostname or SysV IPC, and no host process to signal. The pid
     # namespace, owned by our user namespace, is also what lets the factory make one
@@ -146,6 +151,7 @@ def enter_host(spec: dict, launched: dict) -> None:
         os.chdir(spec["cwd"])
     except OSError:
         os.chdir("/")
+    return relay_channel
 
 
 def _lock_stage_mounts(launched: dict) -> None:
@@ -165,8 +171,28 @@ def _lock_stage_mounts(launched: dict) -> None:
                                  f"{exc.strerror}): tests with cap_add=SYS_ADMIN are refused")
 
 
+def _fork_relay(allow: list) -> link.Channel:
+    """The allow-list relay (relay.py), in the machine's network namespace; the
+    factory's end of its channel."""
+    launcher = os.getpid()
+    factory_end, relay_end = link.Channel.pair()
+    if os.fork() == 0:
+        try:
+            process.die_with_parent(launcher)
+            factory_end.close()
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):  # execnet's pipes belong to the host alone
+                os.dup2(null, fd)
+            process.close_fds_except({0, 1, 2, relay_end.fileno()})
+            relay.serve(relay_end, {(host, port, proto) for host, port, proto in allow})
+        finally:
+            os._exit(0)
+    relay_end.close()
+    return factory_end
+
+
 def _fork_factory(host_end: link.Channel, factory_end: link.Channel, entries: list[dict],
-                  library_path: str | None) -> None:
+                  library_path: str | None, relay_channel: link.Channel | None = None) -> None:
     """The init factory (see factory.py): forked now, while this process is small."""
     host = os.getpid()
     if os.fork() == 0:
@@ -177,7 +203,7 @@ def _fork_factory(host_end: link.Channel, factory_end: link.Channel, entries: li
             os.dup2(null, 0)  # execnet's pipes belong to the host alone
             os.dup2(null, 1)
             os.close(null)
-            factory.serve(factory_end, entries, library_path)
+            factory.serve(factory_end, entries, library_path, relay_channel)
         finally:
             os._exit(0)
     factory_end.close()
