@@ -259,6 +259,7 @@ class ContainerHost:
                    capture_cap=capture_cap, services=list(services),
                    container_config={"hostname": settings.hostname, "network": settings.network,
                                      "allow": [list(target) for target in settings.allow],
+                                     "netem": [list(fault) for fault in settings.netem],
                                      "describe": _describe(settings, plan, services),
                                      "env": dict(settings.env),
                                      "mounts": mounts, "cwd": self.cwd, "cap_add": list(settings.cap_add),

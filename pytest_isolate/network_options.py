@@ -67,3 +67,51 @@ def _allow_entry(entry: str, accepted: str) -> list[tuple[str, int, str]]:
     if ip.is_unspecified or ip.is_multicast:
         raise OptionError(f"got {_show(entry)}: name the address the service listens on, not {ip}")
     return [(str(ip), int(port_text), proto)]
+
+
+_NETEM_KEYS = ("delay", "jitter", "loss", "rate")
+_TIME = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(us|ms|s)\s*$")
+_PERCENT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*%\s*$")
+_RATE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(bit|kbit|mbit|gbit)\s*$", re.IGNORECASE)
+_RATE_UNITS = {"bit": 1, "kbit": 1000, "mbit": 1000**2, "gbit": 1000**3}
+
+
+def parse_netem(value: Any, base: str) -> tuple[tuple[str, float], ...]:
+    """Network faults on the container's eth0, as tc-netem's: delay and jitter
+    ("50ms"), loss ("2%"), rate ("1mbit"). Stored as (key, number): microseconds,
+    percent, bits per second."""
+    accepted = ("a dict of delay/jitter ('50ms', '200us', '1s'), loss ('2%') and rate ('1mbit', '500kbit'), "
+                "e.g. {'delay': '50ms', 'loss': '2%'}; KEY=VALUE on the command line")
+    if value is None:
+        return ()
+    if isinstance(value, (str, list, tuple)):
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if not all(isinstance(i, str) and "=" in i for i in items):
+            raise OptionError(f"got {_show(value)}; accepted: {accepted}")
+        value = {k.strip(): v for k, _, v in (i.partition("=") for i in items)}
+    if not isinstance(value, dict):
+        raise OptionError(f"got {_show(value)}; accepted: {accepted}")
+    result = {}
+    for key, raw in value.items():
+        if key not in _NETEM_KEYS:
+            raise OptionError(f"unknown key {_show(key)}; accepted: {accepted}")
+        text = raw if isinstance(raw, str) else ""
+        pattern = {"delay": _TIME, "jitter": _TIME, "loss": _PERCENT, "rate": _RATE}[key]
+        match = pattern.match(text)
+        if not match:
+            raise OptionError(f"bad {key}: {_show(raw)}; accepted: {accepted}")
+        number = float(match.group(1))
+        if key in ("delay", "jitter"):
+            number *= {"us": 1, "ms": 1000, "s": 1_000_000}[match.group(2)]
+            if number > 60_000_000:
+                raise OptionError(f"bad {key}: {_show(raw)}; at most 60s")
+        elif key == "loss" and number > 100:
+            raise OptionError(f"bad loss: {_show(raw)}; accepted: 0% to 100%")
+        elif key == "rate":
+            number *= _RATE_UNITS[match.group(2).lower()]
+            if not 8000 <= number <= 100 * 1000**3:
+                raise OptionError(f"bad rate: {_show(raw)}; accepted: 8kbit to 100gbit")
+        result[key] = number
+    if "jitter" in result and "delay" not in result:
+        raise OptionError("jitter needs a delay (the delay varies by up to the jitter)")
+    return tuple(sorted(result.items()))

@@ -81,6 +81,7 @@ class Settings:
     python: str = "auto"
     network: str = "none"
     allow: tuple[tuple[str, int, str], ...] = ()
+    netem: tuple[tuple[str, float], ...] = ()
 
     def image_key(self) -> str:
         """The image with the interpreter its container host runs: one host each."""
@@ -88,6 +89,8 @@ class Settings:
 
     def problem(self) -> tuple[str, str] | None:
         """(option, why) when options that are fine alone do not fit together."""
+        if self.netem and self.network == "none":
+            return "netem", "it shapes a private network's traffic: name one too, e.g. network='backend'"
         if self.memory_swap not in (None, -1):
             if self.memory is None:
                 return "memory_swap", "it needs memory too (it is memory plus swap, as in Docker)"
@@ -346,7 +349,7 @@ def parse_capture_limit(value: Any, base: str) -> int:
 from .hardening import (  # noqa: E402 - they use OptionError and _show above
     parse_cap_add, parse_landlock, parse_seccomp, parse_system_paths,
 )
-from .network_options import parse_allow, parse_network  # noqa: E402
+from .network_options import parse_allow, parse_netem, parse_network  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,6 +387,8 @@ OPTIONS = (
            "containers of this run share", "none|NAME"),
     Option("allow", parse_allow, "a service of this machine the containers may reach, through a relay "
            "(repeatable)", "HOST:PORT[/tcp|udp]", multiple=True),
+    Option("netem", parse_netem, "network faults on a private network: delay, jitter, loss, rate "
+           "(repeatable), e.g. delay=50ms", "KEY=VALUE", multiple=True),
     Option("seccomp", parse_seccomp, "seccomp profile: default (Docker-like allowlist), "
            "unconfined, or a profile file in Docker's JSON format", "PROFILE"),
     Option("cap_add", parse_cap_add, "capabilities kept inside the containers' user namespace "

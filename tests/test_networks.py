@@ -271,3 +271,74 @@ def test_the_isolated_container_fixture_describes_the_container(pytester, run) -
     result.assert_outcomes(passed=2, errors=1)
     result.stdout.fnmatch_lines(["*isolated_container describes the container of an isolated test: mark the test "
                                  "@pytest.mark.isolated (or run with --isolate)*"])
+
+
+def _kernel_has_netem() -> bool:
+    """Whether a netem qdisc can be made (in a throwaway user and network namespace)."""
+    code = ("from pyroute2 import IPRoute\nip = IPRoute()\nip.link('add', ifname='v0', kind='veth', "
+            "peer={'ifname': 'v1'})\nip.tc('add', 'netem', index=ip.link_lookup(ifname='v0')[0], delay=1000)\n")
+    done = subprocess.run(["unshare", "--user", "--map-root-user", "--net", sys.executable, "-c", code],
+                          capture_output=True, timeout=60)
+    return done.returncode == 0
+
+
+def test_netem_rate_shapes_eth0_and_faults_need_the_kernels_netem(pytester, run) -> None:
+    pytester.makepyfile(test_netem="""
+        import pytest
+
+        @pytest.mark.isolated(network="backend", netem={"rate": "8mbit"})
+        def test_rate():
+            from pyroute2 import IPRoute
+            with IPRoute() as ip:
+                eth0 = ip.link_lookup(ifname="eth0")[0]
+                kinds = [q.get_attr("TCA_KIND") for q in ip.get_qdiscs(index=eth0)]
+            assert "tbf" in kinds, kinds
+
+        @pytest.mark.isolated(network="backend", netem={"delay": "20ms", "loss": "1%"})
+        def test_faults():
+            from pyroute2 import IPRoute
+            with IPRoute() as ip:
+                eth0 = ip.link_lookup(ifname="eth0")[0]
+                kinds = [q.get_attr("TCA_KIND") for q in ip.get_qdiscs(index=eth0)]
+            assert "netem" in kinds, kinds
+    """)
+    result = run("-p", "no:randomly")
+    if _kernel_has_netem():
+        result.assert_outcomes(passed=2)
+    else:
+        result.assert_outcomes(passed=1, errors=1)
+        result.stdout.fnmatch_lines(["*netem= needs the kernel's netem queueing discipline (sch_netem, "
+                                     "CONFIG_NET_SCH_NETEM), which this kernel lacks*"])
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ({"delay": "50"}, "bad delay: '50'"),
+    ({"drop": "1%"}, "unknown key 'drop'"),
+    ({"loss": "120%"}, "bad loss: '120%'; accepted: 0% to 100%"),
+    ({"jitter": "5ms"}, "jitter needs a delay"),
+    ({"rate": "1bit"}, "bad rate: '1bit'; accepted: 8kbit to 100gbit"),
+])
+def test_a_bad_netem_is_a_usage_error(pytester, run, value, message) -> None:
+    pytester.makepyfile(test_bad=f"""
+        import pytest
+
+        @pytest.mark.isolated(network="backend", netem={value!r})
+        def test_a():
+            pass
+    """)
+    result = run()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str()
+    assert f"invalid 'netem': {message}" in result.stderr.str()
+
+
+def test_netem_without_a_network_is_a_usage_error(pytester, run) -> None:
+    pytester.makepyfile(test_bad="""
+        import pytest
+
+        @pytest.mark.isolated(netem={"rate": "1mbit"})
+        def test_a():
+            pass
+    """)
+    result = run()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "invalid 'netem'" in result.stderr.str() and "name one too, e.g. network='backend'" in result.stderr.str()

@@ -74,7 +74,8 @@ def _container(entries: list[dict], request: dict, networks: network.Networks,
         network.bring_up_loopback()
         addresses = []
         if request["network"] != network.NONE:
-            addresses = networks.attach(request["network"], request["id"], request["host_number"])
+            addresses = networks.attach(request["network"], request["id"], request["host_number"],
+                                        request["netem"])
             rootfs.place_file(root, "/etc/hosts", network.hosts_file(request["hostname"], addresses,
                                                                       request["hosts"]))
         if request["watch_ports"]:  # a service: the host sees its listening sockets

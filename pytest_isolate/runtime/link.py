@@ -59,7 +59,7 @@ MESSAGES: dict[str, dict[str, object]] = {
     # host <-> factory (namespace fds and init's pidfd come with "built")
     "build": {"id": int, "mounts": list, "hostname": str, "network": str, "hosts": list,
               "host_number": (int, type(None)), "watch_ports": bool,  # these two: services
-              "allow": list},
+              "allow": list, "netem": list},
     "relay": {"targets": list},  # factory -> relay: listening sockets and init's pidfd come along
     "built": {"id": int, "addresses": list},
     "build_failed": {"id": int, "message": str, "step": str},

@@ -77,6 +77,29 @@ def _next_host(host: int) -> int:
     return host + 1 if host % 256 in (0, 255) else host
 
 
+def _shape(ip, index: int, netem: dict) -> None:
+    """netem= on eth0: tc-netem for delay, jitter and loss, a token bucket for rate
+    (below netem when both are asked for)."""
+    parent = None
+    faults = {key: netem[key] for key in ("delay", "jitter", "loss") if key in netem}
+    if faults:
+        try:
+            ip.tc("add", "netem", index=index, handle="1:", delay=int(faults.get("delay", 0)),
+                  jitter=int(faults.get("jitter", 0)), loss=faults.get("loss", 0))
+        except Exception as exc:
+            if getattr(exc, "code", None) == 2:  # ENOENT: no such qdisc kind
+                raise OSError("netem= needs the kernel's netem queueing discipline (sch_netem, "
+                              "CONFIG_NET_SCH_NETEM), which this kernel lacks; only rate= works here "
+                              "(python -m pytest_isolate doctor lists what the machine offers)") from None
+            raise
+        parent = "1:"
+    if "rate" in netem:
+        bits = int(netem["rate"])
+        extra = {"parent": parent} if parent else {}
+        ip.tc("add", "tbf", index=index, handle="2:", rate=f"{bits}bit", burst=max(bits // 8 // 100, 16384),
+              latency="100ms", **extra)
+
+
 class Networks:
     """The factory's private networks: bridges at home, a veth per container."""
 
@@ -106,7 +129,7 @@ class Networks:
         self.bridges[name] = index
         self.next_host[name] = _FIRST_CONTAINER
 
-    def attach(self, name: str, request_id: int, host: int | None = None) -> list[str]:
+    def attach(self, name: str, request_id: int, host: int | None = None, netem: list | None = None) -> list[str]:
         """In the container's fresh network namespace: ``eth0`` on the network;
         its addresses (IPv4, IPv6). ``host``: a service's fixed host number (2-254)."""
         IPRoute = _iproute(self.library_path)
@@ -125,6 +148,8 @@ class Networks:
             inside.addr("add", index=eth0, address=str(address4), prefixlen=v4.prefixlen)
             inside.addr("add", index=eth0, address=str(address6), prefixlen=v6.prefixlen, flags=IFA_F_NODAD)
             inside.link("set", index=eth0, state="up")
+            if netem:
+                _shape(inside, eth0, dict(netem))
         port = self._home.link_lookup(ifname=outside)[0]
         self._home.link("set", index=port, master=self.bridges[name], state="up")
         return [str(address4), str(address6)]
