@@ -241,9 +241,10 @@ def layered_image(layers: list[str], image_env: list[str], project_paths: Iterab
 
 
 def resolve(image: str, project_paths: list[str], pull: str = "missing", progress=None,
-            python: str = "auto") -> Image:
+            python: str = "auto", insecure: Iterable[str] = ()) -> Image:
     """The Image of a normalised reference; an OCI image is read into the store first
-    when it is missing there (``pull="missing"``), always, or never."""
+    when it is missing there (``pull="missing"``), always, or never (``insecure``:
+    registries that may use plain http or unverified TLS, oci/registry.py)."""
     from .oci import local, reference, store as store_module
 
     ref = reference.parse(image)
@@ -262,7 +263,7 @@ def resolve(image: str, project_paths: list[str], pull: str = "missing", progres
             raise ImageProblem(f"{image} is not in the image store ({store.root}) and --isolate-pull=never: "
                                f"run `python -m pytest_isolate pull {image}` first")
         try:
-            record = local.import_image(ref, store, progress)
+            record = local.import_image(ref, store, progress, tuple(insecure))
         except (local.ImageError, store_module.StoreError) as exc:
             raise ImageProblem(str(exc)) from None
         except OSError as exc:
