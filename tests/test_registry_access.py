@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 
-from pytest_isolate.oci import store
+from pytest_isolate.oci import credentials, local, store
 from test_oci_registry import (  # noqa: F401 - fixtures
     DOCKER_REGISTRY, Image, content, no_user_credentials, open_registry, pull, push, storage, token_registry,
 )
@@ -158,3 +158,104 @@ def test_a_bad_insecure_registry_is_a_usage_error(pytester, run, value: str) -> 
     cli = subprocess.run([sys.executable, "-m", "pytest_isolate", "pull", "docker://reg.example/x",
                           f"--insecure-registry={value}"], capture_output=True, text=True, timeout=120)
     assert cli.returncode == 2 and cli.stderr.startswith("pytest-isolate pull: --insecure-registry: got ")
+
+
+# -- credential helpers --------------------------------------------------------------------------
+
+@pytest.fixture
+def helpers(tmp_path, monkeypatch):
+    """helpers(name, answer): a docker-credential-NAME on PATH that logs what it was
+    asked and runs the shell ``answer``; the log's path is helpers.log."""
+    folder = tmp_path / "helper-bin"
+    folder.mkdir()
+    monkeypatch.setenv("PATH", f"{folder}:{os.environ['PATH']}")
+    log = tmp_path / "helpers.log"
+
+    def write(name: str, answer: str) -> None:
+        path = folder / f"docker-credential-{name}"
+        path.write_text(f'#!/bin/sh\nread -r server\necho "{name} $1 $server" >> {log}\n{answer}\n')
+        path.chmod(0o755)
+
+    write.log = log
+    return write
+
+
+def docker_config(tmp_path, config: dict) -> None:
+    folder = tmp_path / "home" / ".docker"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def answer(user: str, secret: str) -> str:
+    return f"echo '{json.dumps({'ServerURL': 'x', 'Username': user, 'Secret': secret})}'"
+
+
+NOT_FOUND = "echo 'credentials not found in native keychain'; exit 1"
+
+
+def basic(user: str, password: str) -> dict:
+    return {"auth": base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def test_credentials_from_a_helper_in_dockers_order(token_registry, open_registry, tmp_path, helpers) -> None:
+    address, tokens = token_registry
+    push(f"http://{open_registry}", "team/private", Image([{"f": b"private"}]), "1")
+    private = f"docker://{address}/team/private:1"
+    helpers("test", answer("alice", "s3cret"))
+    docker_config(tmp_path, {"credsStore": "test", "auths": {address: {}}})
+    assert content(store_of(tmp_path, 1), pull(private, store_of(tmp_path, 1)), 0, "f") == b"private"
+    assert tokens.requests[-1][1] == "Basic " + base64.b64encode(b"alice:s3cret").decode()
+    assert helpers.log.read_text() == f"test get {address}\n"
+    # credHelpers for the registry come first; a helper without credentials lets the
+    # lookup go on (credsStore, then auths).
+    helpers("wrong", answer("alice", "wrong"))
+    helpers("none", NOT_FOUND)
+    docker_config(tmp_path, {"credHelpers": {address: "wrong", "elsewhere.example": "test"}, "credsStore": "test"})
+    with pytest.raises(local.ImageError, match=rf"access denied to {private}: check your credentials in "
+                                               rf"docker-credential-wrong \(credHelpers in .*config.json\)"):
+        pull(private, store_of(tmp_path, 2))
+    helpers.log.write_text("")
+    docker_config(tmp_path, {"credHelpers": {address: "none"}, "credsStore": "test"})
+    assert pull(private, store_of(tmp_path, 3))["layers"]
+    docker_config(tmp_path, {"credHelpers": {address: "none"}, "credsStore": "none",
+                             "auths": {address: basic("alice", "s3cret")}})
+    assert pull(private, store_of(tmp_path, 4))["layers"]
+    assert helpers.log.read_text() == f"none get {address}\ntest get {address}\n" + f"none get {address}\n" * 2
+
+
+def store_of(tmp_path, n: int) -> store.Store:
+    return store.Store(str(tmp_path / f"store-{n}"))
+
+
+def test_docker_hub_is_asked_for_by_its_v1_address(tmp_path, helpers) -> None:
+    helpers("hub", answer("hubuser", "pw"))
+    docker_config(tmp_path, {"credHelpers": {"docker.io": "hub"}})
+    assert credentials.credentials("docker.io", "library/python")[0] == ("hubuser", "pw")
+    assert credentials.credentials("registry.example", "team/app") == (None, None)
+    assert helpers.log.read_text() == "hub get https://index.docker.io/v1/\n"
+
+
+@pytest.mark.parametrize("script, error", [
+    (None, r"credsStore in .*config.json names the credential helper docker-credential-gone, which is not on PATH: "
+           r"install it, or remove it from that file to use its auths"),
+    ("echo 'the keyring is locked' >&2; exit 3", r"docker-credential-gone \(credsStore in .*\) failed for "
+                                                 r"reg.example:5000: the keyring is locked"),
+    ("echo '{\"Username\": 1}'", r"answered for reg.example:5000 with no \{\"Username\": ..., \"Secret\": ...\}"),
+    ("echo '{\"Username\": \"<token>\", \"Secret\": \"t\"}'", r"holds an identity token for reg.example:5000"),
+    ("head -c 200000 /dev/zero | tr '\\0' x", r"docker-credential-gone \(credsStore in .*\) printed more than "
+                                               r"65536 bytes"),
+    ("exec sleep 1000", r"docker-credential-gone \(credsStore in .*\) did not answer within 1 s"),
+], ids=["not-on-path", "fails", "no-object", "identity-token", "too-much", "hangs"])
+def test_a_helper_that_cannot_answer_is_named(tmp_path, helpers, monkeypatch, script, error) -> None:
+    monkeypatch.setattr(credentials, "HELPER_TIMEOUT", 1.0)
+    if script is not None:
+        helpers("gone", script)
+    docker_config(tmp_path, {"credsStore": "gone", "auths": {"reg.example:5000": basic("a", "b")}})
+    with pytest.raises(local.ImageError, match=error):
+        credentials.credentials("reg.example:5000", "team/app")
+
+
+def test_a_helper_name_is_not_a_path(tmp_path) -> None:
+    docker_config(tmp_path, {"credsStore": "../../bin/sh"})
+    with pytest.raises(local.ImageError, match=r"'../../bin/sh' is not a credential helper name"):
+        credentials.credentials("reg.example", "team/app")
