@@ -17,9 +17,13 @@ import textwrap
 import pytest
 
 from pytest_isolate.oci import credentials, local, store
-from test_oci_registry import (  # noqa: F401 - fixtures
-    DOCKER_REGISTRY, Image, content, no_user_credentials, open_registry, pull, push, storage, token_registry,
-)
+import test_oci_registry
+from test_oci_registry import DOCKER_REGISTRY, Image, content, pull, push
+
+# Its registries and the autouse fixture that keeps the user's own credentials out.
+storage, open_registry, token_registry = \
+    test_oci_registry.storage, test_oci_registry.open_registry, test_oci_registry.token_registry
+no_user_credentials = test_oci_registry.no_user_credentials
 
 pytestmark = pytest.mark.skipif(not os.path.exists(DOCKER_REGISTRY),
                                 reason="needs Debian's docker-registry (apt install docker-registry; .ci/run does)")
