@@ -204,7 +204,8 @@ def image_pytest(layers: list[str], python: str, version: str) -> tuple[str, str
         texts.append(_read_small(layers, f"{resolved}/_pytest/_version.py"))
         for text in texts:
             match = re.search(r"^Version: *([0-9][0-9A-Za-z.+-]{0,40})\s*$", text, re.M) or \
-                re.search(r"""^(?:__)?version(?:__)? *(?::[^=]*)?= *['"]([0-9][0-9A-Za-z.+-]{0,40})['"]""", text, re.M)
+                re.search(r"""^(?:__version__|version) *= *(?:\w+ *= *)?['"]([0-9][0-9A-Za-z.+-]{0,40})['"]""",
+                          text, re.M)
             if match:
                 return match.group(1), resolved
         return "?", resolved
@@ -234,11 +235,12 @@ def image_python(layers: list[str], what: str) -> tuple[str, str | None]:
         if found and _version_tuple(found[0]) >= MIN_PYTEST:
             return path, found[0]
         if found:
-            too_old.append(f"pytest {found[0]} for Python {version} ({found[1]})")
+            shown = "of an unknown version" if found[0] == "?" else found[0]
+            too_old.append(f"pytest {shown} for Python {version} ({found[1]})")
     needed = ".".join(map(str, MIN_PYTEST))
     if too_old:
-        raise ImageProblem(f"{what} has {', '.join(too_old)}, older than pytest-isolate supports (pytest>={needed}), "
-                           f"and pytest here runs on Python {want}: upgrade pytest in the image (pip install "
+        raise ImageProblem(f"{what} has {', '.join(too_old)}; pytest-isolate needs pytest>={needed} there, as pytest "
+                           f"here runs on Python {want}: upgrade pytest in the image (pip install "
                            f"'pytest>={needed}'), or use an image with Python {want}")
     shown = ", ".join(f"Python {version or '?'} ({path})" for path, version in interpreters)
     raise ImageProblem(f"{what} has {shown} without pytest, and pytest here runs on Python {want}: install "
