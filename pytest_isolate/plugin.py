@@ -39,7 +39,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     "loopback registries may use plain http anyway), as Docker's insecure-registries")
     parser.addini("isolate_insecure_registries", type="linelist", default=[],
                   help="registries (HOST[:PORT], one a line) reached over plain http or with an unverified "
-                  "certificate, like --isolate-insecure-registry")
+                  "certificate, as Docker's insecure-registries (added to those of the command line)")
     for option in opts.OPTIONS:
         group.addoption(option.flag, dest=f"isolate_{option.name}", metavar=option.metavar,
                         action="append" if option.multiple else "store", default=None,
