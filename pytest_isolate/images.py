@@ -7,7 +7,8 @@ explains the entry format and how entries are applied).
   root filesystem (``dir:``): its layers stacked as overlay lower layers, the
   project and the controller's Python packages (pytest, this plugin, the test's
   dependencies) bound read-only at their own paths, and the image's own interpreter
-  of the controller's major.minor version (``image_python``).
+  of the controller's major.minor version (``image_python``); failing that, an image
+  interpreter with its own pytest>=8.0, and only this plugin and the project bound.
 """
 
 from __future__ import annotations
