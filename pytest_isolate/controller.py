@@ -41,6 +41,7 @@ class Controller:
         self.allowed: dict[tuple[str, str], set] = {}  # (mode, image key) -> allow= targets
         self.teardown_errors: list[str] = []
         self.pull_policy = "missing"
+        self.insecure_registries: tuple[str, ...] = ()
         self.coverage = coverage_support.CoverageCollector(config)
         config.pluginmanager.register(self.coverage, "isolate-coverage-collector")
 
@@ -52,7 +53,8 @@ class Controller:
             config = self.config
             project = [str(config.rootpath)] + ([str(config.inipath)] if config.inipath else [])
             image, python = self._image_specs.get(key, (key, "auto"))
-            self._images[key] = images.resolve(image, project, self.pull_policy, self._pull_progress(), python)
+            self._images[key] = images.resolve(image, project, self.pull_policy, self._pull_progress(), python,
+                                               self.insecure_registries)
         return self._images[key]
 
     def _pull_progress(self):

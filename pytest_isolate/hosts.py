@@ -127,6 +127,7 @@ class ContainerHost:
         self._send("start", entries=self.entries, args=self.args, option_dict=_plain_options(config.option),
                    workerinput=workerinput, argv=list(sys.argv), collect=self.mode == "fork",
                    shared=controller_shared(self), own_stdlib=image.sys_path is not None,
+                   own_packages=image.pytest is not None,
                    sys_path=list(sys.path) if image.sys_path is None else image.sys_path)
         try:
             name, data = self._receive()

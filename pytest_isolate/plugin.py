@@ -36,6 +36,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="when to read an image into the image store: missing (default), always, never "
                     "(as Docker's --pull)")
     parser.addini("isolate_pull", default=None, help="like --isolate-pull")
+    group.addoption("--isolate-insecure-registry", dest="isolate_insecure_registry", metavar="HOST[:PORT]",
+                    action="append", default=None,
+                    help="a registry reached over plain http or with an unverified certificate (repeatable; "
+                    "loopback registries may use plain http anyway), as Docker's insecure-registries")
+    parser.addini("isolate_insecure_registries", type="linelist", default=[],
+                  help="registries (HOST[:PORT], one a line) reached over plain http or with an unverified "
+                  "certificate, as Docker's insecure-registries (added to those of the command line)")
     for option in opts.OPTIONS:
         group.addoption(option.flag, dest=f"isolate_{option.name}", metavar=option.metavar,
                         action="append" if option.multiple else "store", default=None,
@@ -68,6 +75,7 @@ class IsolatePlugin:
         self.isolate_all = bool(config.getoption("isolate") or self._ini_switch())
         self.base_layers = [self._ini_layer(), self._cli_layer()]
         controller.pull_policy = self._pull_policy()
+        controller.insecure_registries = self._insecure_registries()
         self.isolated_count = 0
         self.worker_lines: list[str] = []
         self.teardown_errors: list[str] = []  # of shared fixtures, also from xdist workers
@@ -92,6 +100,21 @@ class IsolatePlugin:
         if value not in opts.PULL_POLICIES:
             raise pytest.UsageError(f"{where}: got {value!r}; accepted: {', '.join(map(repr, opts.PULL_POLICIES))}")
         return value
+
+    def _insecure_registries(self) -> tuple[str, ...]:
+        given = [(v, f"ini key isolate_insecure_registries {self._ini_source()}")
+                 for v in self.config.getini("isolate_insecure_registries") or []]
+        given += [(v, "command line --isolate-insecure-registry")
+                  for v in self.config.getoption("isolate_insecure_registry") or []]
+        from .oci import reference
+
+        names = []
+        for value, where in given:
+            try:
+                names.append(reference.parse_registry_host(value))
+            except reference.ReferenceError as exc:
+                raise pytest.UsageError(f"{where}: {exc}") from None
+        return tuple(names)
 
     def _ini_source(self) -> str:
         inipath = self.config.inipath

@@ -228,7 +228,9 @@ def serve(channel) -> None:
         return
     _, start = link.read_text(channel.receive(), ("start",))
     try:
-        if start["own_stdlib"]:  # an image's interpreter: its standard library, our packages
+        if start["own_packages"]:  # an image's interpreter and pytest: this plugin first
+            sys.path[:] = list(dict.fromkeys(start["sys_path"] + sys.path))
+        elif start["own_stdlib"]:  # an image's interpreter: its standard library, our packages
             own = [p for p in sys.path if not {"site-packages", "dist-packages"} & set(p.split("/"))]
             sys.path[:] = own + start["sys_path"]
             for path in start["sys_path"]:

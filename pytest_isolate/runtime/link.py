@@ -86,7 +86,8 @@ MESSAGES: dict[str, dict[str, object]] = {
     "hypothesis_write": {"op": _ANY, "path": _ANY, "key": _ANY, "value": _ANY, "dest": _ANY},
     # controller -> host
     "start": {"entries": list, "args": list, "option_dict": dict, "workerinput": dict, "sys_path": list,
-              "argv": list, "collect": bool, "shared": list, "own_stdlib": bool},
+              "argv": list, "collect": bool, "shared": list, "own_stdlib": bool,
+              "own_packages": bool},
     "run": {"nodeid": str, "mode": str, "timeout": _OPT_NUM, "fresh_arg": str, "seccomp_programs": list,
             "in_zygote": bool, "events_cap": int, "capture_cap": int, "container_config": dict,
             "services": list},
