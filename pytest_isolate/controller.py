@@ -39,6 +39,7 @@ class Controller:
         self.usages: list = []
         self.shared_wanted: dict[tuple[str, str], list] = {}
         self.allowed: dict[tuple[str, str], set] = {}  # (mode, image key) -> allow= targets
+        self.networks: dict[tuple[str, str], set] = {}  # (mode, image key) -> network names
         self.teardown_errors: list[str] = []
         self.pull_policy = "missing"
         self.insecure_registries: tuple[str, ...] = ()
@@ -79,6 +80,8 @@ class Controller:
             self._image_specs[settings.image_key()] = (settings.image, settings.python)
             # What the host's relay may connect to: every allow= of its tests.
             self.allowed.setdefault((settings.mode, settings.image_key()), set()).update(settings.allow)
+            if settings.network != "none":  # made ahead by the factory (factory.serve)
+                self.networks.setdefault((settings.mode, settings.image_key()), set()).add(settings.network)
             try:
                 self.image(settings.image_key())
             except images.ImageProblem as exc:

@@ -111,7 +111,9 @@ class ContainerHost:
                                                sources=self.sources, cwd=self.cwd, hostname=DEFAULT_HOSTNAME,
                                                env=image.env, python_path=image.sys_path or [],
                                                allow=sorted(map(list, self.controller.allowed.get(
-                                                   (self.mode, self.image), ()))))
+                                                   (self.mode, self.image), ()))),
+                                               networks=sorted(self.controller.networks.get(
+                                                   (self.mode, self.image), ())))
         try:
             with coverage_support.host_environment():
                 self.gateway = self.controller.group.makegateway(xspec)

@@ -42,6 +42,7 @@ def launcher_command(python: str, host_python: str | None = None, **spec) -> str
     )
     spec.setdefault("env", None)
     spec.setdefault("allow", [])
+    spec.setdefault("networks", [])
     spec["library_path"] = _pyroute2_parent()
     spec["python_path"] = [PACKAGE_PARENT] + spec.get("python_path", []) if spec["env"] is not None else []
     parts = [python, "-S", "-c", bootstrap, "--spec", link.to_text("spec", **spec), "--exec", host_python or python]
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         if factory_end is not None:
             # The factory is the host's child: when the host (pid 1) ends, the kernel
             # kills and reaps it at once, instead of waiting for another reaper.
-            _fork_factory(host_end, factory_end, spec["entries"], spec["library_path"], relay_channel)
+            _fork_factory(host_end, factory_end, spec, relay_channel)
         os.execv(command[0], command)
     for end in (host_end, factory_end, relay_channel):
         if end is not None:
@@ -191,8 +192,8 @@ def _fork_relay(allow: list) -> link.Channel:
     return factory_end
 
 
-def _fork_factory(host_end: link.Channel, factory_end: link.Channel, entries: list[dict],
-                  library_path: str | None, relay_channel: link.Channel | None = None) -> None:
+def _fork_factory(host_end: link.Channel, factory_end: link.Channel, spec: dict,
+                  relay_channel: link.Channel | None = None) -> None:
     """The init factory (see factory.py): forked now, while this process is small."""
     host = os.getpid()
     if os.fork() == 0:
@@ -203,7 +204,7 @@ def _fork_factory(host_end: link.Channel, factory_end: link.Channel, entries: li
             os.dup2(null, 0)  # execnet's pipes belong to the host alone
             os.dup2(null, 1)
             os.close(null)
-            factory.serve(factory_end, entries, library_path, relay_channel)
+            factory.serve(factory_end, spec["entries"], spec["library_path"], relay_channel, spec["networks"])
         finally:
             os._exit(0)
     factory_end.close()

@@ -54,7 +54,7 @@ MESSAGES: dict[str, dict[str, object]] = {
     # launcher: argv in (the spec), environment out (what the host must know)
     "spec": {"entries": list, "sources": list, "cwd": str, "hostname": str,
              "env": (dict, type(None)), "python_path": list,
-             "library_path": _OPT_STR, "allow": list},  # env: an image's own, replacing ours
+             "library_path": _OPT_STR, "allow": list, "networks": list},  # env: an image's own, replacing ours
     "launched": {"error": _OPT_STR, "notes": list, "factory_fd": (int, type(None)), "mounts_unlocked": _OPT_STR},
     # host <-> factory (namespace fds and init's pidfd come with "built")
     "build": {"id": int, "mounts": list, "hostname": str, "network": str, "hosts": list,

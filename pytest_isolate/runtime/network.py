@@ -142,14 +142,14 @@ class Networks:
         address4, address6 = v4.network_address + host, v6.network_address + host
         outside = f"isolate-v{request_id}"
         with IPRoute() as inside:
-            inside.link("add", ifname=INTERFACE, kind="veth",
-                        peer={"ifname": outside, "net_ns_fd": self.home_net_fd})
-            eth0 = inside.link_lookup(ifname=INTERFACE)[0]
+            # One request makes both ends: the outside one straight into the home
+            # namespace, on the bridge and up; eth0 here.
+            inside.link("add", ifname=outside, kind="veth", net_ns_fd=self.home_net_fd, master=self.bridges[name],
+                        state="up", peer={"ifname": INTERFACE})
+            eth0 = socket.if_nametoindex(INTERFACE)
             inside.addr("add", index=eth0, address=str(address4), prefixlen=v4.prefixlen)
             inside.addr("add", index=eth0, address=str(address6), prefixlen=v6.prefixlen, flags=IFA_F_NODAD)
             inside.link("set", index=eth0, state="up")
             if netem:
                 _shape(inside, eth0, dict(netem))
-        port = self._home.link_lookup(ifname=outside)[0]
-        self._home.link("set", index=port, master=self.bridges[name], state="up")
         return [str(address4), str(address6)]
