@@ -28,6 +28,7 @@ DEFAULT_NETWORK = "services"
 DEFAULT_READY_TIMEOUT = 30.0
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 SERVICE_ATTRIBUTE = "_pytest_isolate_service"
+_USER = re.compile(r"^([a-z_][a-z0-9_.-]{0,31}|[0-9]{1,10}(:[0-9]{1,10})?)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +79,9 @@ class Service:
 
 def service(name: str, command: list[str] | tuple[str, ...], *, ready: Ready | None = None,
             scope: str = "session", env: dict[str, str] | None = None,
-            ready_timeout: float = DEFAULT_READY_TIMEOUT):
-    """A fixture named ``name`` whose value is the running service (Service)."""
+            ready_timeout: float = DEFAULT_READY_TIMEOUT, user: str | None = None):
+    """A fixture named ``name`` whose value is the running service (Service).
+    ``user``: who the command runs as inside its container (root by default)."""
     where = f"pytest_isolate.service({name!r})"
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise pytest.UsageError(f"pytest_isolate.service(): got the name {name!r}; accepted: a Python identifier "
@@ -99,8 +101,11 @@ def service(name: str, command: list[str] | tuple[str, ...], *, ready: Ready | N
         raise pytest.UsageError(f"{where}: env: accepted: a dict of str to str")
     if isinstance(ready_timeout, bool) or not isinstance(ready_timeout, (int, float)) or not 0 < ready_timeout < 3600:
         raise pytest.UsageError(f"{where}: ready_timeout: got {ready_timeout!r}; accepted: seconds, 0 to 3600")
+    if user is not None and (not isinstance(user, str) or not _USER.fullmatch(user)):
+        raise pytest.UsageError(f"{where}: user: got {user!r}; accepted: a user name of the image, a uid, or "
+                                "UID:GID, e.g. 'postgres' or '999:999'")
     spec = {"name": name, "argv": list(command), "env": env, "scope": scope, "ready_timeout": float(ready_timeout),
-            "ready": dataclasses.asdict(ready) if ready else None}
+            "ready": dataclasses.asdict(ready) if ready else None, "user": user}
 
     def fixture():
         from . import services_container

@@ -24,7 +24,7 @@ import signal
 import time
 
 from pytest_isolate import services_container
-from pytest_isolate.runtime import pipeline
+from pytest_isolate.runtime import link, pipeline
 
 LOG_DIR = "/tmp/.pytest-isolate-services"
 LOG_CAP_IN_ERRORS = 16 << 10
@@ -124,13 +124,14 @@ class Services:
         log = f"{spec['key']}.log"
         log_path = f"{LOG_DIR}/{log}"
         os.close(os.open(log_path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+        os.chmod(log_path, 0o666)  # a service with user= writes it too (it is bound into its container alone)
         mounts = [{"type": "bind", "dst": services_container.OWN_LOG, "stage_src": log_path, "src": log_path,
                    "ro": False}]
         build = {"mounts": mounts, "hostname": spec["name"], "network": network, "hosts": self.hosts(network),
                  "allow": [], "netem": []}
         container = self.factory.wait(self.factory.request(build, host_number=number, watch_ports=True))
         config = dict(build, env=spec["env"], cwd="/", cap_add=[], system_paths="masked", landlock=None,
-                      rlimits=[], seccomp_programs=seccomp_programs, masks=self.masks)
+                      rlimits=[], seccomp_programs=seccomp_programs, masks=self.masks, user=spec["user"])
         prepared = pipeline.Prepared(config, container, zygote)
         try:
             prepared.started()
@@ -158,21 +159,35 @@ class Services:
             if exited:
                 status, _ = prepared.zygote.reap(prepared.test)
                 prepared.test = 0  # reaped: stop() must not reap it again
+                why = _container_error(prepared.events_fd)
+                if why:
+                    raise ServiceError(f"the service {spec['name']!r} could not start: {why}")
                 raise ServiceError(f"the service {spec['name']!r} ({' '.join(spec['argv'])}) exited "
                                    f"{_describe(status)} before it was ready; its log:\n{_tail(log_path)}")
             if ready is None:
+                if os.fstat(prepared.file("crashlog")).st_size:  # it reached its exec
+                    return
+            elif ready["kind"] == "tcp" and ready["port"] in _listening(prepared.namespaces.watched):
                 return
-            if ready["kind"] == "tcp" and ready["port"] in _listening(prepared.namespaces.watched):
-                return
-            if pattern is not None and pattern.search(_tail(log_path, 1 << 20)):
+            elif pattern is not None and pattern.search(_tail(log_path, 1 << 20)):
                 return
             if time.monotonic() > deadline:
-                what = f"TCP port {ready['port']} listening" if ready["kind"] == "tcp" else \
-                    f"its log matching {ready['pattern']!r}"
+                what = "its command to start" if ready is None else f"TCP port {ready['port']} listening" \
+                    if ready["kind"] == "tcp" else f"its log matching {ready['pattern']!r}"
                 raise ServiceError(f"the service {spec['name']!r} was not ready after {spec['ready_timeout']:g} s "
                                    f"(waiting for {what}); its log:\n{_tail(log_path)}")
             select.select([prepared.test_pidfd], [], [], delay)
             delay = min(delay * 2, 0.05)
+
+
+def _container_error(events_fd: int) -> str | None:
+    """Why a service's process stopped before its command: the container_error our
+    own code wrote before the exec (the command itself never holds that file)."""
+    data = os.pread(events_fd, 1 << 16, 0)
+    for name, fields in link.Reader(1 << 16).feed(data):
+        if name == "container_error" and isinstance(fields.get("message"), str):
+            return fields["message"][:4096]
+    return None
 
 
 def _listening(files: list[int]) -> set[int]:

@@ -342,3 +342,53 @@ def test_a_real_redis(pytester, run) -> None:
                 assert command(conn, b"GET", b"key") == b"$%d\\r\\n%s\\r\\n" % (len(value), value)
     """)
     run().assert_outcomes(passed=2)
+
+
+PG_BIN = next(iter(sorted(__import__("glob").glob("/usr/lib/postgresql/*/bin"))), None)
+PG_SCRIPT = """
+set -e
+initdb -D /tmp/pg -A trust -U postgres > /dev/null
+printf "host all all 0.0.0.0/0 trust\\nhost all all ::/0 trust\\n" >> /tmp/pg/pg_hba.conf
+exec postgres -D /tmp/pg -k /tmp -c listen_addresses='*'
+"""
+
+
+@pytest.mark.skipif(PG_BIN is None, reason="needs PostgreSQL (Debian: postgresql)")
+@pytest.mark.skipif(os.geteuid() != 0, reason="PostgreSQL refuses root: user= needs more than one uid in the "
+                    "container, which a rootless one has only with a subordinate range")
+def test_a_real_postgresql_as_its_own_user(pytester, run) -> None:
+    """user= runs the service as the image's postgres user (PostgreSQL refuses root);
+    the test speaks the wire protocol's start-up to it."""
+    pytester.makepyfile(test_pg=f"""
+        import socket, struct, pytest
+        import pytest_isolate as isolate
+
+        pg = isolate.service("pg", ["sh", "-c", {PG_SCRIPT!r}], user="postgres", ready=isolate.tcp(5432),
+                             env={{"PATH": "{PG_BIN}:/usr/bin:/bin"}})
+
+        @pytest.mark.isolated
+        def test_startup(pg):
+            body = struct.pack("!I", 196608) + b"user\\0postgres\\0database\\0postgres\\0\\0"
+            with socket.create_connection((pg.host, 5432), timeout=30) as conn:
+                conn.sendall(struct.pack("!I", len(body) + 4) + body)
+                kind, _, code = struct.unpack("!cII", conn.recv(9))
+            assert (kind, code) == (b"R", 0), "AuthenticationOk"
+            assert "database system is ready to accept connections" in pg.log()
+    """)
+    run().assert_outcomes(passed=1)
+
+
+def test_a_user_not_in_the_image_fails_the_test_with_its_name(pytester, run) -> None:
+    pytester.makepyfile(test_user="""
+        import pytest
+        import pytest_isolate as isolate
+
+        svc = isolate.service("svc", ["sleep", "600"], user="no-such-user-here")
+
+        @pytest.mark.isolated
+        def test_it(svc):
+            pass
+    """)
+    result = run()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*there is no user 'no-such-user-here' in the image's /etc/passwd*"])
