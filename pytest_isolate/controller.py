@@ -4,6 +4,8 @@ ordinary pytest reports (replay.py)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import uuid
 import warnings
@@ -40,6 +42,7 @@ class Controller:
         self.shared_wanted: dict[tuple[str, str], list] = {}
         self.allowed: dict[tuple[str, str], set] = {}  # (mode, image key) -> allow= targets
         self.networks: dict[tuple[str, str], set] = {}  # (mode, image key) -> network names
+        self.outbound: dict[tuple[str, str], str] = {}  # (mode, image key) -> slirp4netns, for outbound=True
         self.teardown_errors: list[str] = []
         self.pull_policy = "missing"
         self.insecure_registries: tuple[str, ...] = ()
@@ -80,6 +83,8 @@ class Controller:
             self._image_specs[settings.image_key()] = (settings.image, settings.python)
             # What the host's relay may connect to: every allow= of its tests.
             self.allowed.setdefault((settings.mode, settings.image_key()), set()).update(settings.allow)
+            if settings.outbound:
+                self.outbound[(settings.mode, settings.image_key())] = _slirp4netns(item)
             if settings.network != "none":  # made ahead by the factory (factory.serve)
                 self.networks.setdefault((settings.mode, settings.image_key()), set()).add(settings.network)
             try:
@@ -197,3 +202,11 @@ class Controller:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.group.terminate(timeout=5)
+
+
+def _slirp4netns(item: pytest.Item) -> str:
+    found = shutil.which("slirp4netns")
+    if found is None:
+        raise pytest.UsageError(f"{item.nodeid}: outbound=True needs slirp4netns, which is not installed "
+                                "(Debian/Ubuntu: apt install slirp4netns)")
+    return os.path.realpath(found)

@@ -113,7 +113,8 @@ class ContainerHost:
                                                allow=sorted(map(list, self.controller.allowed.get(
                                                    (self.mode, self.image), ()))),
                                                networks=sorted(self.controller.networks.get(
-                                                   (self.mode, self.image), ())))
+                                                   (self.mode, self.image), ())),
+                                               outbound=self.controller.outbound.get((self.mode, self.image)))
         try:
             with coverage_support.host_environment():
                 self.gateway = self.controller.group.makegateway(xspec)
@@ -263,6 +264,7 @@ class ContainerHost:
                    container_config={"hostname": settings.hostname, "network": settings.network,
                                      "allow": [list(target) for target in settings.allow],
                                      "netem": [list(fault) for fault in settings.netem],
+                                     "outbound": settings.outbound,
                                      "describe": _describe(settings, plan, services),
                                      "env": dict(settings.env),
                                      "mounts": mounts, "cwd": self.cwd, "cap_add": list(settings.cap_add),

@@ -115,3 +115,17 @@ def parse_netem(value: Any, base: str) -> tuple[tuple[str, float], ...]:
     if "jitter" in result and "delay" not in result:
         raise OptionError("jitter needs a delay (the delay varies by up to the jitter)")
     return tuple(sorted(result.items()))
+
+
+def parse_outbound(value: Any, base: str) -> bool:
+    """Whether the containers reach the outside (through slirp4netns)."""
+    if isinstance(value, bool):
+        return value
+    if value is None:
+        return False
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("", "0", "false", "no", "off"):
+        return False
+    raise OptionError(f"got {_show(value)}; accepted: True or False (on the command line and in the ini file: "
+                      "true/false, yes/no, on/off, 1/0)")

@@ -82,6 +82,7 @@ class Settings:
     network: str = "none"
     allow: tuple[tuple[str, int, str], ...] = ()
     netem: tuple[tuple[str, float], ...] = ()
+    outbound: bool = False
 
     def image_key(self) -> str:
         """The image with the interpreter its container host runs: one host each."""
@@ -248,7 +249,7 @@ def parse_capture_limit(value: Any, base: str) -> int:
 from .hardening import (  # noqa: E402 - they use OptionError and _show above
     parse_cap_add, parse_landlock, parse_seccomp, parse_system_paths,
 )
-from .network_options import parse_allow, parse_netem, parse_network  # noqa: E402
+from .network_options import parse_allow, parse_netem, parse_network, parse_outbound  # noqa: E402
 from .limit_options import (  # noqa: E402, F401 - parse_size and RLIMITS are used elsewhere too
     RLIMITS, parse_cpus, parse_memory, parse_memory_swap, parse_pids, parse_size, parse_ulimits,
 )
@@ -291,6 +292,8 @@ OPTIONS = (
            "(repeatable)", "HOST:PORT[/tcp|udp]", multiple=True),
     Option("netem", parse_netem, "network faults on a private network: delay, jitter, loss, rate "
            "(repeatable), e.g. delay=50ms", "KEY=VALUE", multiple=True),
+    Option("outbound", parse_outbound, "let the containers reach the outside, through slirp4netns "
+           "(default: no)", "yes|no"),
     Option("seccomp", parse_seccomp, "seccomp profile: default (Docker-like allowlist), "
            "unconfined, or a profile file in Docker's JSON format", "PROFILE"),
     Option("cap_add", parse_cap_add, "capabilities kept inside the containers' user namespace "

@@ -128,7 +128,7 @@ class Services:
         mounts = [{"type": "bind", "dst": services_container.OWN_LOG, "stage_src": log_path, "src": log_path,
                    "ro": False}]
         build = {"mounts": mounts, "hostname": spec["name"], "network": network, "hosts": self.hosts(network),
-                 "allow": [], "netem": []}
+                 "allow": [], "netem": [], "outbound": False}
         container = self.factory.wait(self.factory.request(build, host_number=number, watch_ports=True))
         config = dict(build, env=spec["env"], cwd="/", cap_add=[], system_paths="masked", landlock=None,
                       rlimits=[], seccomp_programs=seccomp_programs, masks=self.masks, user=spec["user"])

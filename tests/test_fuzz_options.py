@@ -108,6 +108,7 @@ VALID_TEXT = {  # single-line strings, as the command line and ini files give th
     "python": st.sampled_from(["auto", "/usr/bin/python3", "/usr/local/bin/python3.12"]),
     "allow": st.tuples(st.sampled_from(["127.0.0.1", "[::1]", "localhost", "10.1.2.3"]), st.integers(1, 65535),
                        st.sampled_from(["", "/tcp", "/udp"])).map(lambda t: f"{t[0]}:{t[1]}{t[2]}"),
+    "outbound": st.sampled_from(["yes", "no", "true", "false", "on", "off", "1", "0"]),
     "netem": st.sampled_from(["delay=50ms", "loss=2%", "rate=1mbit", "delay=1s", "rate=500kbit"]),
     "network": st.sampled_from(["none", "backend"]) | st.from_regex(r"[a-z0-9][a-z0-9_.-]{0,12}", fullmatch=True),
 }
@@ -182,6 +183,8 @@ def check_shape(name: str, got) -> None:
     elif name == "allow":
         assert isinstance(got, tuple) and len(set(got)) == len(got) <= 14
         assert all(proto in ("tcp", "udp") and 0 < port < 65536 for _, port, proto in got)
+    elif name == "outbound":
+        assert got in (True, False)
     elif name == "netem":
         assert isinstance(got, tuple) and all(k in ("delay", "jitter", "loss", "rate") for k, _ in got)
     elif name == "network":

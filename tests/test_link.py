@@ -14,7 +14,7 @@ from pytest_isolate.runtime import link, namespaces, syscalls
 def test_a_registered_message_passes_with_exactly_its_fields() -> None:
     assert link.check(("reap", {"pid": 7}), ("reap",)) == ("reap", {"pid": 7})
     fields = {"id": 1, "mounts": [], "hostname": "h", "network": "none", "hosts": [], "host_number": None,
-              "watch_ports": False, "allow": [], "netem": []}
+              "watch_ports": False, "allow": [], "netem": [], "outbound": False}
     assert link.message("build", **fields) == ("build", fields)
 
 
@@ -39,7 +39,7 @@ def test_a_message_of_ours_that_breaks_its_registry_entry_is_refused_before_it_l
 
 def test_text_carries_one_message_and_names_the_one_it_expects() -> None:
     text = link.to_text("spec", entries=[{"type": "tmpfs", "dst": "/tmp"}], sources=[], cwd="/", hostname="h",
-                        env=None, python_path=[], library_path=None, allow=[], networks=[])
+                        env=None, python_path=[], library_path=None, allow=[], networks=[], outbound=None)
     assert link.from_text(text, "spec")["entries"] == [{"type": "tmpfs", "dst": "/tmp"}]
     with pytest.raises(link.Unexpected, match="expected launched, got 'spec'"):
         link.from_text(text, "launched")

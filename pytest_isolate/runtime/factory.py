@@ -85,6 +85,8 @@ def _container(entries: list[dict], request: dict, networks: network.Networks,
                                         request["netem"])
             rootfs.place_file(root, "/etc/hosts", network.hosts_file(request["hostname"], addresses,
                                                                       request["hosts"]))
+        if request["outbound"]:  # slirp4netns's DNS forwarder (the machine's may be a loopback address)
+            rootfs.place_file(root, "/etc/resolv.conf", "nameserver 10.0.2.3\n")
         if request["watch_ports"]:  # a service: the host sees its listening sockets
             fds["tcp"] = os.open("/proc/self/net/tcp", os.O_RDONLY | os.O_CLOEXEC)
             fds["tcp6"] = os.open("/proc/self/net/tcp6", os.O_RDONLY | os.O_CLOEXEC)
@@ -97,6 +99,8 @@ def _container(entries: list[dict], request: dict, networks: network.Networks,
         fds["init"] = os.pidfd_open(init)
         if request["allow"]:
             _hand_to_relay(request["allow"], fds["init"], relay_channel, networks.library_path)
+        if request["outbound"]:
+            _connect_outside(fds["net"], fds["init"], relay_channel)
     except BaseException:
         for fd in fds.values():
             os.close(fd)
@@ -117,6 +121,19 @@ def _hand_to_relay(targets: list, init_pidfd: int, relay_channel: link.Channel |
     finally:
         for fd in listeners:
             os.close(fd)
+
+
+def _connect_outside(net_fd: int, init_pidfd: int, relay_channel: link.Channel | None) -> None:
+    """outbound=True: the relay runs slirp4netns on the container's network
+    namespace; the container is ready once slirp4netns has configured tap0."""
+    if relay_channel is None:
+        raise OSError("outbound=True needs the relay, which this container host was started without")
+    relay_channel.send("outbound", [net_fd, init_pidfd])
+    received = relay_channel.receive("outbound_ready")
+    if received is None:
+        raise OSError("the relay is gone")
+    if received[1]["error"]:
+        raise OSError(received[1]["error"])
 
 
 def _go_home(home: dict[str, int]) -> None:

@@ -43,6 +43,7 @@ def launcher_command(python: str, host_python: str | None = None, **spec) -> str
     spec.setdefault("env", None)
     spec.setdefault("allow", [])
     spec.setdefault("networks", [])
+    spec.setdefault("outbound", None)
     spec["library_path"] = _pyroute2_parent()
     spec["python_path"] = [PACKAGE_PARENT] + spec.get("python_path", []) if spec["env"] is not None else []
     parts = [python, "-S", "-c", bootstrap, "--spec", link.to_text("spec", **spec), "--exec", host_python or python]
@@ -117,19 +118,19 @@ def enter_host(spec: dict, launched: dict) -> link.Channel | None:
         # idmap the project's binds. Container root is an unprivileged host uid after.
         owner = (user_ns.host_uid_of_container_root(), user_ns.host_gid_of_container_root())
         userns_fd = user_ns.create_for_root()
+        relay_channel = _fork_relay(spec, userns_fd)
         syscalls.unshare(syscalls.CLONE_NEWNS)
         launched["notes"] += stage.build_stage(spec["entries"], spec["sources"], owner, userns_fd)
         user_ns.join(userns_fd)
     else:
         # Rootless, the user namespace is what grants the right to mount: first.
         user_ns.enter_rootless()
+        relay_channel = _fork_relay(spec, None)
         syscalls.unshare(syscalls.CLONE_NEWNS)
         launched["notes"] += stage.build_stage(spec["entries"], spec["sources"], (0, 0))
         _lock_stage_mounts(launched)
     # Changing uids (root's join above) clears the parent-death signal: set it again.
     process.die_with_parent(controller)
-    # The relay must stay in the machine's network namespace: forked before we leave it.
-    relay_channel = _fork_relay(spec["allow"]) if spec["allow"] else None
     # Module-level code of test files runs in the host during collection: give it no
     # network, no host hostname or SysV IPC, and no host process to signal. The pid
     # namespace, owned by our user namespace, is also what lets the factory make one
@@ -172,20 +173,26 @@ def _lock_stage_mounts(launched: dict) -> None:
                                  f"{exc.strerror}): tests with cap_add=SYS_ADMIN are refused")
 
 
-def _fork_relay(allow: list) -> link.Channel:
-    """The allow-list relay (relay.py), in the machine's network namespace; the
-    factory's end of its channel."""
+def _fork_relay(spec: dict, userns_fd: int | None) -> link.Channel | None:
+    """The relay (relay.py) of allow= and outbound=, if the run has any: in the
+    machine's network and mount namespaces (it connects out, and runs slirp4netns
+    from this machine, whatever the image), in the containers' user namespace (as
+    root: joined first, so it is no real root). The factory's end of its channel."""
+    if not spec["allow"] and not spec["outbound"]:
+        return None
     launcher = os.getpid()
     factory_end, relay_end = link.Channel.pair()
     if os.fork() == 0:
         try:
+            if userns_fd is not None:
+                user_ns.join(userns_fd)
             process.die_with_parent(launcher)
             factory_end.close()
             null = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):  # execnet's pipes belong to the host alone
                 os.dup2(null, fd)
             process.close_fds_except({0, 1, 2, relay_end.fileno()})
-            relay.serve(relay_end, {(host, port, proto) for host, port, proto in allow})
+            relay.serve(relay_end, {(host, port, proto) for host, port, proto in spec["allow"]}, spec["outbound"])
         finally:
             os._exit(0)
     relay_end.close()

@@ -54,13 +54,16 @@ MESSAGES: dict[str, dict[str, object]] = {
     # launcher: argv in (the spec), environment out (what the host must know)
     "spec": {"entries": list, "sources": list, "cwd": str, "hostname": str,
              "env": (dict, type(None)), "python_path": list,
-             "library_path": _OPT_STR, "allow": list, "networks": list},  # env: an image's own, replacing ours
+             "library_path": _OPT_STR, "allow": list, "networks": list,
+             "outbound": _OPT_STR},  # slirp4netns's path, if a test asks for outbound=True  # env: an image's own, replacing ours
     "launched": {"error": _OPT_STR, "notes": list, "factory_fd": (int, type(None)), "mounts_unlocked": _OPT_STR},
     # host <-> factory (namespace fds and init's pidfd come with "built")
     "build": {"id": int, "mounts": list, "hostname": str, "network": str, "hosts": list,
               "host_number": (int, type(None)), "watch_ports": bool,  # these two: services
-              "allow": list, "netem": list},
+              "allow": list, "netem": list, "outbound": bool},
     "relay": {"targets": list},  # factory -> relay: listening sockets and init's pidfd come along
+    "outbound": {},  # factory -> relay: the container's network namespace and init's pidfd come along
+    "outbound_ready": {"error": _OPT_STR},  # relay -> factory
     "built": {"id": int, "addresses": list},
     "build_failed": {"id": int, "message": str, "step": str},
     # host <-> zygote (a test's files, its job pipe and namespaces come with "fork")

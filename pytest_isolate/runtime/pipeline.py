@@ -23,7 +23,7 @@ import os
 from . import link, namespaces, zygote as zygote_module
 
 # What the factory needs to build a container (the rest is for the test process).
-BUILD_KEYS = ("mounts", "hostname", "network", "hosts", "allow", "netem")
+BUILD_KEYS = ("mounts", "hostname", "network", "hosts", "allow", "netem", "outbound")
 
 
 class InitError(Exception):

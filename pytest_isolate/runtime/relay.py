@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import subprocess
 import threading
 
 from . import link, process
@@ -27,28 +28,68 @@ BUFFER = 1 << 16
 MAX_UDP = 65535
 
 
-def serve(channel: link.Channel, allowed: set[tuple[str, int, str]]) -> None:
-    """The relay's loop, until the launcher is gone: containers arrive ("relay"),
-    their sockets are served by threads and closed when their init ends."""
+def serve(channel: link.Channel, allowed: set[tuple[str, int, str]], slirp4netns: str | None = None) -> None:
+    """The relay's loop, until the launcher is gone: containers arrive ("relay",
+    "outbound"), their sockets are served by threads and closed (their slirp4netns
+    killed) when their init ends."""
     process.set_name("isolate-relay")
-    containers: dict[int, list[socket.socket]] = {}  # init pidfd -> its sockets
+    containers: dict[int, list] = {}  # init pidfd -> its sockets and processes
     lock = threading.Lock()
     while True:
         watched = [channel.fileno(), *containers]
         ready, _, _ = select.select(watched, [], [])
         for fd in ready:
             if fd == channel.fileno():
-                received = channel.receive("relay")
+                received = channel.receive("relay", "outbound")
                 if received is None:
                     return  # the factory (the container host) is gone
-                _, fields, fds = received
-                _add(fields["targets"], fds, allowed, containers, lock)
+                name, fields, fds = received
+                if name == "relay":
+                    _add(fields["targets"], fds, allowed, containers, lock)
+                else:
+                    channel.send("outbound_ready", error=_outbound(fds, slirp4netns, containers, lock))
             else:  # a container ended
                 with lock:
-                    sockets = containers.pop(fd)
-                    for sock in sockets:
-                        _close(sock)
+                    for thing in containers.pop(fd):
+                        _close(thing) if isinstance(thing, socket.socket) else _end(thing)
                 os.close(fd)
+
+
+def _outbound(fds: list[int], slirp4netns: str | None, containers, lock) -> str | None:
+    """Connect a container's network namespace to the outside through slirp4netns
+    (its own tap0, 10.0.2.100/24, a default route; this machine's loopback stays
+    out of reach); the error, if it could not."""
+    netns, init_pidfd = fds
+    try:
+        if slirp4netns is None:
+            return "outbound=True needs slirp4netns (Debian: apt install slirp4netns)"
+        ready_r, ready_w = os.pipe()
+        try:
+            command = [slirp4netns, "--configure", "--mtu=65520", "--disable-host-loopback", f"--ready-fd={ready_w}",
+                       "--netns-type=path", f"/proc/self/fd/{netns}", "tap0"]
+            child = subprocess.Popen(command, pass_fds=(netns, ready_w), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        finally:
+            os.close(ready_w)
+        try:
+            if not select.select([ready_r], [], [], 30)[0] or os.read(ready_r, 1) != b"1":
+                _end(child)
+                return f"slirp4netns did not start: {child.stderr.read(4096).decode(errors='replace').strip()}"
+        finally:
+            os.close(ready_r)
+        with lock:
+            containers.setdefault(init_pidfd, []).append(child)
+        init_pidfd = -1
+        return None
+    finally:
+        os.close(netns)
+        if init_pidfd >= 0:
+            os.close(init_pidfd)
+
+
+def _end(child: subprocess.Popen) -> None:
+    child.kill()
+    child.wait()
 
 
 def _add(targets: list, fds: list[int], allowed, containers, lock) -> None:
@@ -59,10 +100,11 @@ def _add(targets: list, fds: list[int], allowed, containers, lock) -> None:
         return
     sockets = [socket.socket(fileno=fd) for fd in listeners]
     with lock:
-        containers[init_pidfd] = sockets
+        owned = containers.setdefault(init_pidfd, [])  # what is closed when the container ends
+        owned.extend(sockets)
     for sock, (host, port, proto) in zip(sockets, targets):
         serve_one = _serve_tcp if proto == "tcp" else _serve_udp
-        threading.Thread(target=serve_one, args=(sock, (host, port), sockets, lock), daemon=True).start()
+        threading.Thread(target=serve_one, args=(sock, (host, port), owned, lock), daemon=True).start()
 
 
 def _serve_tcp(listener: socket.socket, target: tuple[str, int], sockets: list, lock) -> None:
