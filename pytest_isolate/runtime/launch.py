@@ -184,6 +184,7 @@ def _fork_relay(spec: dict, userns_fd: int | None) -> link.Channel | None:
     factory_end, relay_end = link.Channel.pair()
     if os.fork() == 0:
         try:
+            relay.preload()
             if userns_fd is not None:
                 user_ns.join(userns_fd)
             process.die_with_parent(launcher)

@@ -28,6 +28,15 @@ BUFFER = 1 << 16
 MAX_UDP = 65535
 
 
+def preload() -> None:
+    """What the relay imports lazily, imported while it still can: as root it then
+    joins the containers' user namespace, as whom the interpreter's own files (e.g.
+    under /root) may be out of reach. socket.getaddrinfo() imports the idna codec."""
+    import encodings.idna  # noqa: F401
+
+    socket.getaddrinfo("127.0.0.1", 1, type=socket.SOCK_STREAM)
+
+
 def serve(channel: link.Channel, allowed: set[tuple[str, int, str]], slirp4netns: str | None = None) -> None:
     """The relay's loop, until the launcher is gone: containers arrive ("relay",
     "outbound"), their sockets are served by threads and closed (their slirp4netns
@@ -121,7 +130,7 @@ def _serve_tcp(listener: socket.socket, target: tuple[str, int], sockets: list, 
 def _connect(inside: socket.socket, target: tuple[str, int], sockets: list, lock) -> None:
     try:
         outside = socket.create_connection(target, timeout=30)
-    except OSError:
+    except Exception:  # noqa: BLE001 - whatever it is, the test must not wait for it
         # Refused or unreachable outside: the test's connection is reset at once.
         inside.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         _close(inside)
