@@ -12,11 +12,10 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import pytest
 
-from conftest import SUITE_MODE_ARGS
+from conftest import SUITE_MODE_ARGS, find_processes_named, marker_usage_error, wait_for
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -142,39 +141,15 @@ def test_a_closed_destination_resets_the_connection_at_once(pytester, run) -> No
     ("127.0.0.1:80/sctp", "invalid 'allow': got '127.0.0.1:80/sctp'; accepted: 'HOST:PORT[/tcp|udp]'"),
 ])
 def test_a_bad_allow_entry_is_a_usage_error(pytester, run, value, message) -> None:
-    pytester.makepyfile(test_bad=f"""
-        import pytest
-
-        @pytest.mark.isolated(allow=[{value!r}])
-        def test_a():
-            pass
-    """)
-    result = run()
-    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str()
-    assert message in result.stderr.str()
+    assert message in marker_usage_error(pytester, run, allow=[value])
 
 
-def _relay_processes() -> list[str]:
-    found = []
-    for pid in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                if f.read().strip() == "isolate-relay":
-                    found.append(pid)
-        except OSError:
-            pass
-    return found
-
-
-def _wait_no_relay(before: list[str], seconds: float = 30) -> list[str]:
-    deadline = time.monotonic() + seconds
-    while (left := [p for p in _relay_processes() if p not in before]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return left
+def _new_relays(before: list[int]) -> list[int]:
+    return [pid for pid in find_processes_named("isolate-relay") if pid not in before]
 
 
 def test_the_relay_is_gone_after_the_run_and_after_a_sigkilled_pytest(pytester, upper) -> None:
-    before = _relay_processes()
+    before = find_processes_named("isolate-relay")
     pytester.makepyfile(test_relay=f"""
         import os, signal, socket, pytest
 
@@ -190,11 +165,11 @@ def test_the_relay_is_gone_after_the_run_and_after_a_sigkilled_pytest(pytester, 
             "test_relay.py"]
     done = subprocess.run(args, cwd=pytester.path, capture_output=True, text=True, timeout=300)
     assert "2 passed" in done.stdout, done.stdout + done.stderr
-    assert _wait_no_relay(before) == []
+    assert wait_for(lambda: _new_relays(before), 30) == []
     killed = subprocess.run(args, cwd=pytester.path, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, KILL_PYTEST="1"))
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
-    assert _wait_no_relay(before) == []
+    assert wait_for(lambda: _new_relays(before), 30) == []
 
 
 RELAY_SCRIPT = textwrap.dedent("""

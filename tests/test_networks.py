@@ -4,6 +4,7 @@ hint on a refused connection; the option's errors. Real namespaces throughout.""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import socket
@@ -13,7 +14,7 @@ import textwrap
 
 import pytest
 
-from conftest import IS_ROOT
+from conftest import IS_ROOT, marker_usage_error
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -210,16 +211,7 @@ def test_a_refused_connection_on_no_network_gets_a_hint(pytester, run) -> None:
     ("", "*network*accepted: 'none'*"),
 ])
 def test_a_bad_network_is_a_usage_error(pytester, run, value, message) -> None:
-    pytester.makepyfile(test_bad=f"""
-        import pytest
-
-        @pytest.mark.isolated(network={value!r})
-        def test_a():
-            pass
-    """)
-    result = run()
-    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str()
-    result.stderr.fnmatch_lines([message])
+    assert fnmatch.fnmatch(marker_usage_error(pytester, run, network=value), f"*{message}*")
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="the rootless lane runs this file as a user")
@@ -319,26 +311,9 @@ def test_netem_rate_shapes_eth0_and_faults_need_the_kernels_netem(pytester, run)
     ({"rate": "1bit"}, "bad rate: '1bit'; accepted: 8kbit to 100gbit"),
 ])
 def test_a_bad_netem_is_a_usage_error(pytester, run, value, message) -> None:
-    pytester.makepyfile(test_bad=f"""
-        import pytest
-
-        @pytest.mark.isolated(network="backend", netem={value!r})
-        def test_a():
-            pass
-    """)
-    result = run()
-    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str()
-    assert f"invalid 'netem': {message}" in result.stderr.str()
+    assert f"invalid 'netem': {message}" in marker_usage_error(pytester, run, network="backend", netem=value)
 
 
 def test_netem_without_a_network_is_a_usage_error(pytester, run) -> None:
-    pytester.makepyfile(test_bad="""
-        import pytest
-
-        @pytest.mark.isolated(netem={"rate": "1mbit"})
-        def test_a():
-            pass
-    """)
-    result = run()
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert "invalid 'netem'" in result.stderr.str() and "name one too, e.g. network='backend'" in result.stderr.str()
+    error = marker_usage_error(pytester, run, netem={"rate": "1mbit"})
+    assert "invalid 'netem'" in error and "name one too, e.g. network='backend'" in error

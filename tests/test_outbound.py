@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from conftest import SUITE_MODE_ARGS
+from conftest import SUITE_MODE_ARGS, find_processes_named, marker_usage_error, wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("slirp4netns") is None,
                                 reason="needs slirp4netns (Debian: apt install slirp4netns)")
@@ -93,33 +93,13 @@ def test_outbound_reaches_a_server_outside_and_only_with_it(pytester) -> None:
 def test_outbound_is_gone_with_the_run(pytester) -> None:
     """slirp4netns lives as long as its container: none is left after the run."""
     pytester.makepyfile(test_out=TESTS)
-    before = _slirps()
+    before = find_processes_named("slirp4netns")
     done = run_in_a_private_world(pytester, "-q", "test_out.py")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert _slirps() == before
-
-
-def _slirps() -> set[str]:
-    found = set()
-    for pid in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                if f.read().strip() == "slirp4netns":
-                    found.add(pid)
-        except OSError:
-            pass
-    return found
+    assert wait_for(lambda: [p for p in find_processes_named("slirp4netns") if p not in before], 30) == []
 
 
 @pytest.mark.parametrize("value", ["maybe", 2])
 def test_a_bad_outbound_is_a_usage_error(pytester, run, value) -> None:
-    pytester.makepyfile(test_bad=f"""
-        import pytest
-
-        @pytest.mark.isolated(outbound={value!r})
-        def test_a():
-            pass
-    """)
-    result = run()
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert "invalid 'outbound'" in result.stderr.str() and "accepted: True or False" in result.stderr.str()
+    error = marker_usage_error(pytester, run, outbound=value)
+    assert "invalid 'outbound'" in error and "accepted: True or False" in error

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import SUITE_MODE_ARGS
+from conftest import SUITE_MODE_ARGS, find_processes, wait_for
 
 PY = sys.executable
 
@@ -258,24 +257,8 @@ def test_networks_and_the_machine_stay_out_of_reach_of_services(pytester, run) -
             listener.accept()  # nothing came through
 
 
-def _processes_with(marker: str) -> list[str]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if marker.encode() in f.read():
-                        found.append(pid)
-            except OSError:
-                pass
-    return found
-
-
-def _wait_gone(marker: str, seconds: float = 30) -> list[str]:
-    deadline = time.monotonic() + seconds
-    while (left := _processes_with(marker)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return left
+def _wait_gone(marker: str) -> list[int]:
+    return wait_for(lambda: find_processes(marker), 30)
 
 
 def test_services_are_gone_after_the_run_and_after_a_sigkilled_pytest(pytester) -> None:
@@ -305,9 +288,9 @@ def test_services_are_gone_after_the_run_and_after_a_sigkilled_pytest(pytester) 
                                       env=dict(os.environ, WAIT_TO_BE_KILLED="1"))
     try:
         deadline = time.monotonic() + 120
-        while not _processes_with(marker) and time.monotonic() < deadline and pytest_process.poll() is None:
+        while not find_processes(marker) and time.monotonic() < deadline and pytest_process.poll() is None:
             time.sleep(0.02)
-        assert _processes_with(marker), "the service never ran"
+        assert find_processes(marker), "the service never ran"
     finally:
         pytest_process.kill()
         pytest_process.wait()
