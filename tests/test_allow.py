@@ -127,7 +127,7 @@ def test_a_closed_destination_resets_the_connection_at_once(pytester, run) -> No
                 conn.settimeout(10)
                 try:
                     assert conn.recv(10) == b""  # closed at once
-                except ConnectionResetError:
+                except ConnectionError:  # reset (or EPIPE when the reset won the race)
                     pass
         """)
         run().assert_outcomes(passed=1)
