@@ -53,7 +53,7 @@ def test_an_image_of_another_python_runs_the_tests_with_its_own_pytest(pytester,
     """)
     result = run("-v", "-rs", f"--isolate-mode={mode}")
     result.assert_outcomes(passed=1, failed=1, skipped=1)
-    result.stdout.fnmatch_lines(["*AssertionError: assert [[]1, 2[]] == [[]1, 3[]]",
+    result.stdout.fnmatch_lines(["E *assert [[]1, 2[]] == [[]1, 3[]]*",  # with or without CI's verbose diff
                                  f"container host ({mode} mode, image dir:{python39_image})*",
                                  "SKIPPED * skipped in 3.9"])
 
