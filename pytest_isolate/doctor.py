@@ -146,7 +146,7 @@ def check_user_namespaces() -> Result:
 # -- 2. overlayfs inside a user namespace ---------------------------------------------
 
 def _probe_overlay() -> None:
-    user_ns.enter_rootless()  # a throwaway child: the rootless-style map is fine even as root
+    user_ns.enter_self_mapped()  # a throwaway child: the one-line map is fine even as root
     syscalls.unshare(syscalls.CLONE_NEWNS)
     syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
     syscalls.mount("tmpfs", "/tmp", "tmpfs", 0, "mode=755")  # private to this namespace

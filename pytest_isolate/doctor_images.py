@@ -19,7 +19,7 @@ from .runtime import syscalls, user_ns
 def probe_layers() -> None:
     """In a throwaway child: two lower layers, the top one with a whiteout and an
     opaque directory, must read as one image."""
-    user_ns.enter_rootless()
+    user_ns.enter_self_mapped()
     syscalls.unshare(syscalls.CLONE_NEWNS)
     syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
     syscalls.mount("tmpfs", "/tmp", "tmpfs", 0, "mode=755")

@@ -142,10 +142,10 @@ def _lock_stage_mounts(launched: dict) -> None:
     than its source's gets every inherited mount locked (MNT_LOCK_*): container root,
     even with cap_add=SYS_ADMIN, cannot make the read-only image writable or unmount
     what hides the stage. (As root the stage's mount namespace belongs to the initial
-    user namespace: they are locked already.) Its one-line map makes its root the
-    first namespace's root, which is the user: nothing else changes."""
+    user namespace: they are locked already.) It maps every id of the first one onto
+    itself (``0 0 1``, or ``0 0 N+1`` with a subordinate range): nothing else changes."""
     try:
-        user_ns.enter_rootless()
+        user_ns.enter_nested_rootless()
         syscalls.unshare(syscalls.CLONE_NEWNS)
     except OSError as exc:
         launched["mounts_unlocked"] = process.describe_error(exc)
