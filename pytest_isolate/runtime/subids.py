@@ -73,10 +73,17 @@ class Mapping:
         return lambda uid, gid: (uid if 0 <= uid <= uid_max else 0, gid if 0 <= gid <= gid_max else 0)
 
     def describe(self) -> str:
+        """Which ownership rootless containers get, for doctor."""
         if self.ranged:
-            return (f"image uids kept (subordinate range {self.uids[0]}+{self.uids[1]}, "
-                    f"gids {self.gids[0]}+{self.gids[1]}, through newuidmap)")
-        return f"every file belongs to container root ({self.why_not})"
+            gids = "" if self.gids == self.uids else f", gids {self.gids[0]}+{self.gids[1]}"
+            return f"image uids kept (subordinate range {self.uids[0]}+{self.uids[1]}{gids} through newuidmap)"
+        if self.why_not.startswith(NO_SUBUID_ENV):
+            fix = f"unset {NO_SUBUID_ENV} to keep image owners"
+        elif self.why_not.startswith("newuidmap failed"):
+            fix = "check the ranges in /etc/subuid and /etc/subgid (they must not overlap your own ids)"
+        else:
+            fix = "install uidmap and add a range to keep image owners"
+        return f"every file belongs to container root ({self.why_not}): {fix}"
 
 
 def _user_name(uid: int) -> str:
