@@ -24,7 +24,7 @@ import signal
 import socket
 import sys
 
-from . import factory, link, namespaces, network, process, stage, syscalls, user_ns
+from . import factory, link, namespaces, network, process, stage, subids, syscalls, user_ns
 
 LAUNCHED_ENV = "PYTEST_ISOLATE_LAUNCHED"
 
@@ -41,6 +41,8 @@ def launcher_command(python: str, host_python: str | None = None, **spec) -> str
         "from pytest_isolate.runtime.launch import main; main()"
     )
     spec.setdefault("env", None)
+    if os.geteuid() != 0:
+        subids.rootless_mapping()  # tried once here, not in every launcher (see subids)
     spec["python_path"] = [PACKAGE_PARENT] + spec.get("python_path", []) if spec["env"] is not None else []
     parts = [python, "-S", "-c", bootstrap, "--spec", link.to_text("spec", **spec), "--exec", host_python or python]
     return " ".join(shlex.quote(p) for p in parts)
@@ -107,6 +109,7 @@ def enter_host(spec: dict, launched: dict) -> None:
     else:
         # Rootless, the user namespace is what grants the right to mount: first.
         user_ns.enter_rootless()
+        os.environ.pop(subids.TRIED_ENV, None)  # the controller's note to launchers, not the tests'
         syscalls.unshare(syscalls.CLONE_NEWNS)
         launched["notes"] += stage.build_stage(spec["entries"], spec["sources"], (0, 0))
         _lock_stage_mounts(launched)

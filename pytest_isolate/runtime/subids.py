@@ -8,7 +8,8 @@ are installed, they map container ids 1..N onto that range as well, so an image'
 files keep their owners: image uid k is container uid k, as with podman.
 
 Which of the two a user gets is decided once per process (``rootless_mapping``), by
-entering the ranged namespace in a throwaway child: the store unpacking layers and
+entering the ranged namespace in a throwaway child (once per run: the processes it
+starts inherit the verdict while their configuration is the same): the store unpacking layers and
 the launcher entering a container must agree, since the layers' files belong to
 the range's host ids. A missing program or range, or a failing newuidmap, falls
 back to the one-line map; ``doctor`` says which and why.
@@ -27,6 +28,7 @@ from typing import Callable
 from . import syscalls
 
 NO_SUBUID_ENV = "PYTEST_ISOLATE_NO_SUBUID"  # =1: the one-line map even with a range (tests, debugging)
+TRIED_ENV = "PYTEST_ISOLATE_SUBIDS_WORKED"  # this mapping was tried by a parent: launchers skip it
 MAX_COUNT = 65536  # container ids 1..65536 beyond root, as root's own runs map 0..65535
 _SEARCH = "/usr/bin:/bin:/usr/sbin:/sbin"
 
@@ -121,9 +123,13 @@ def rootless_mapping() -> Mapping:
     mapping = _configured()
     if not mapping.ranged:
         return mapping
+    signature = f"{mapping.uid}:{mapping.gid}:{mapping.owner_key}"
+    if os.environ.get(TRIED_ENV) == signature:  # a parent tried this very mapping
+        return mapping
     failure = _try_in_child(lambda: enter_ranged(mapping))
     if failure:
         return Mapping(mapping.uid, mapping.gid, why_not=f"newuidmap failed: {failure}")
+    os.environ[TRIED_ENV] = signature  # inherited by the launchers this process starts
     return mapping
 
 
