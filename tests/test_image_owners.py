@@ -9,6 +9,7 @@ range (conftest.system_user); as root, the doctor is run as users with and witho
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -182,3 +183,35 @@ def test_doctor_says_which_ownership_rootless_containers_get(public_copy) -> Non
         assert (f"every file belongs to container root (no /etc/subuid range for {user.pw_name}): "
                 "install uidmap and add a range to keep image owners") in checks["images"]["finding"]
         assert checks["user namespaces"]["status"] == "ok"  # the one-line map still works
+
+
+def test_a_failed_unpack_and_an_abandoned_one_leave_nothing(tmp_path) -> None:
+    """What a failed or interrupted unpack leaves may belong to the range's ids: the
+    store removes it inside the namespace (rootless with a range; directly otherwise)."""
+    from pytest_isolate.oci import store as store_module
+    from pytest_isolate.oci import unpack
+
+    store = store_module.for_this_user(str(tmp_path / "cache"))
+    layer = gzip.compress(owners_layer())
+    with pytest.raises(store_module.StoreError, match="not to its diff_id"):
+        store.add_layer(io.BytesIO(layer), "sha256:" + "0" * 64, "layer 1/1 of oci:test")
+    assert os.listdir(tmp_path / "cache" / "tmp") == [] and os.listdir(store.layers) == []
+    # An interrupted pull's leftovers (no live process holds their lock): prune removes them.
+    abandoned = tempfile.mkdtemp(prefix="layer-", dir=tmp_path / "cache" / "tmp")
+    os.mkdir(os.path.join(abandoned, "root"))
+
+    def unpack_there(reader) -> None:
+        unpack.unpack_layer(reader, os.path.join(abandoned, "root"), store.owner)
+
+    if store.namespace is not None:
+        store.namespace.call_fed(io.BytesIO(owners_layer()), unpack_there)
+    else:
+        unpack_there(io.BytesIO(owners_layer()))
+    if store.owner is None:  # rootless without a range: the user's
+        expected = os.geteuid()
+    elif IS_ROOT:
+        expected = store.owner(1000, 1000)[0]
+    else:
+        expected = store.namespace.mapping.uids[0] + 999
+    assert os.lstat(os.path.join(abandoned, "root", "srv", "private")).st_uid == expected
+    assert store.prune()[0] == 1 and os.listdir(tmp_path / "cache" / "tmp") == []
