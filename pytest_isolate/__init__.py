@@ -6,3 +6,15 @@ is already imported, and projects with ``filterwarnings = error`` would fail).
 """
 
 __version__ = "0.1.0"
+
+_SERVICES = ("service", "tcp", "log", "Service")
+
+
+def __getattr__(name: str):
+    """``pytest_isolate.service`` and friends (services.py), imported on first use:
+    the runtime's processes import this package without pytest."""
+    if name in _SERVICES:
+        from . import services
+
+        return getattr(services, name)
+    raise AttributeError(f"module 'pytest_isolate' has no attribute {name!r}")

@@ -27,9 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--cache", metavar="DIR", help="the image store (default: $PYTEST_ISOLATE_CACHE, "
                        "else $XDG_CACHE_HOME/pytest-isolate, else ~/.cache/pytest-isolate)")
     pull = commands.add_parser("pull", parents=[cache], help="fill the image store with an image",
-                               description="Read IMAGE (oci:PATH[:TAG] or docker-archive:PATH[:NAME:TAG]) "
-                                           "into the store: every blob verified, every layer unpacked safely.")
+                               description="Read IMAGE (docker://REFERENCE, oci:PATH[:TAG] or "
+                                           "docker-archive:PATH[:NAME:TAG]) into the store: every blob verified, "
+                                           "every layer unpacked safely.")
     pull.add_argument("image", metavar="IMAGE")
+    pull.add_argument("--insecure-registry", metavar="HOST[:PORT]", action="append",
+                      help="a registry reached over plain http or with an unverified certificate (repeatable; "
+                           "loopback registries may use plain http anyway)")
     pull.add_argument("-q", "--quiet", action="store_true", help="no progress")
     commands.add_parser("images", parents=[cache], help="list the images in the store and their sizes")
     commands.add_parser("prune", parents=[cache], help="remove the layers and blobs no image uses, and "

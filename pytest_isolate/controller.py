@@ -4,6 +4,8 @@ ordinary pytest reports (replay.py)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import uuid
 import warnings
@@ -38,8 +40,12 @@ class Controller:
         self.limiter = Limiter()
         self.usages: list = []
         self.shared_wanted: dict[tuple[str, str], list] = {}
+        self.allowed: dict[tuple[str, str], set] = {}  # (mode, image key) -> allow= targets
+        self.networks: dict[tuple[str, str], set] = {}  # (mode, image key) -> network names
+        self.outbound: dict[tuple[str, str], str] = {}  # (mode, image key) -> slirp4netns, for outbound=True
         self.teardown_errors: list[str] = []
         self.pull_policy = "missing"
+        self.insecure_registries: tuple[str, ...] = ()
         self.coverage = coverage_support.CoverageCollector(config)
         config.pluginmanager.register(self.coverage, "isolate-coverage-collector")
 
@@ -51,7 +57,8 @@ class Controller:
             config = self.config
             project = [str(config.rootpath)] + ([str(config.inipath)] if config.inipath else [])
             image, python = self._image_specs.get(key, (key, "auto"))
-            self._images[key] = images.resolve(image, project, self.pull_policy, self._pull_progress(), python)
+            self._images[key] = images.resolve(image, project, self.pull_policy, self._pull_progress(), python,
+                                               self.insecure_registries)
         return self._images[key]
 
     def _pull_progress(self):
@@ -74,6 +81,12 @@ class Controller:
         bind them when they start."""
         for item, settings in planned:
             self._image_specs[settings.image_key()] = (settings.image, settings.python)
+            # What the host's relay may connect to: every allow= of its tests.
+            self.allowed.setdefault((settings.mode, settings.image_key()), set()).update(settings.allow)
+            if settings.outbound:
+                self.outbound[(settings.mode, settings.image_key())] = _slirp4netns(item)
+            if settings.network != "none":  # made ahead by the factory (factory.serve)
+                self.networks.setdefault((settings.mode, settings.image_key()), set()).add(settings.network)
             try:
                 self.image(settings.image_key())
             except images.ImageProblem as exc:
@@ -120,7 +133,8 @@ class Controller:
             self.hosts[key] = host
         return host
 
-    def run(self, item: pytest.Item, nextitem: pytest.Item | None, settings: Settings) -> None:
+    def run(self, item: pytest.Item, nextitem: pytest.Item | None, settings: Settings,
+            services: list[dict] = ()) -> None:
         caps = settings_caps(settings)
         replay = Replay(item, settings, *caps)
         try:
@@ -136,7 +150,8 @@ class Controller:
                 replay.host_failed(plan.error)
             elif programs is not None:
                 try:
-                    for name, data in host.run(item.nodeid, settings, self._fresh_arg(item), plan, caps, programs):
+                    for name, data in host.run(item.nodeid, settings, self._fresh_arg(item), plan, caps, programs,
+                                                 list(services)):
                         getattr(replay, "host_" + name)(data)
                 except boundary.Tampering as exc:  # the host itself broke the protocol
                     raise HostError(f"the container host sent a broken message ({exc}); it was killed") from None
@@ -187,3 +202,11 @@ class Controller:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.group.terminate(timeout=5)
+
+
+def _slirp4netns(item: pytest.Item) -> str:
+    found = shutil.which("slirp4netns")
+    if found is None:
+        raise pytest.UsageError(f"{item.nodeid}: outbound=True needs slirp4netns, which is not installed "
+                                "(Debian/Ubuntu: apt install slirp4netns)")
+    return os.path.realpath(found)

@@ -372,9 +372,16 @@ def check_images() -> Result:
     return check(_in_child, Result, OK, WARN, MISSING)
 
 
+def check_networks() -> Result:
+    from .doctor_networks import check_networks as check
+
+    return check(_in_child, Result, OK, WARN, MISSING)
+
+
 CHECKS = (check_user_namespaces, check_overlay, check_cgroups, check_seccomp,
-          check_landlock, check_python, check_plugins, check_images)
-NAMES = ("user namespaces", "overlayfs", "cgroups", "seccomp", "landlock", "python", "plugins", "images")
+          check_landlock, check_python, check_plugins, check_images, check_networks)
+NAMES = ("user namespaces", "overlayfs", "cgroups", "seccomp", "landlock", "python", "plugins", "images",
+         "networks")
 
 
 def run_checks() -> list[Result]:

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from pytest_isolate import reporter
+from pytest_isolate import container_info, reporter, services_container
 from pytest_isolate.runtime import link
 
 JOB_ENV = "PYTEST_ISOLATE_JOB"
@@ -62,5 +62,8 @@ def main() -> None:
     runner = FreshRunner(config, job, files)
     fixtures.reporter = runner.reporter
     config.pluginmanager.register(runner, "isolate-fresh")
+    services_container.set_current(job["services"])
+    container_info.set_current(job["container"])
+    config.pluginmanager.register(services_container.LogSections(), "isolate-service-logs")
     config.hook.pytest_cmdline_main(config=config)
     os._exit(0)

@@ -109,7 +109,12 @@ class ContainerHost:
         image = self.built
         xspec.python = launch.launcher_command(sys.executable, image.python, entries=self.entries,
                                                sources=self.sources, cwd=self.cwd, hostname=DEFAULT_HOSTNAME,
-                                               env=image.env, python_path=image.sys_path or [])
+                                               env=image.env, python_path=image.sys_path or [],
+                                               allow=sorted(map(list, self.controller.allowed.get(
+                                                   (self.mode, self.image), ()))),
+                                               networks=sorted(self.controller.networks.get(
+                                                   (self.mode, self.image), ())),
+                                               outbound=self.controller.outbound.get((self.mode, self.image)))
         try:
             with coverage_support.host_environment():
                 self.gateway = self.controller.group.makegateway(xspec)
@@ -125,6 +130,7 @@ class ContainerHost:
         self._send("start", entries=self.entries, args=self.args, option_dict=_plain_options(config.option),
                    workerinput=workerinput, argv=list(sys.argv), collect=self.mode == "fork",
                    shared=controller_shared(self), own_stdlib=image.sys_path is not None,
+                   own_packages=image.pytest is not None,
                    sys_path=list(sys.path) if image.sys_path is None else image.sys_path)
         try:
             name, data = self._receive()
@@ -239,7 +245,7 @@ class ContainerHost:
         return (ns.st_dev, ns.st_ino) == (theirs.st_dev, theirs.st_ino)
 
     def run(self, nodeid: str, settings: Settings, fresh_arg: str, plan, caps: tuple[int, int],
-            programs: list[str]):
+            programs: list[str], services: list[dict] = ()):
         """Send one test and yield what comes back: ("events", {chunk}) now and then,
         and last ("done", {...}). Their values unchecked: the caller checks (replay.py)."""
         mounts = [
@@ -254,8 +260,13 @@ class ContainerHost:
         events_cap, capture_cap = caps
         self._send("run", nodeid=nodeid, mode=settings.mode, timeout=settings.timeout, fresh_arg=fresh_arg,
                    seccomp_programs=programs, in_zygote=plan.group is not None, events_cap=events_cap,
-                   capture_cap=capture_cap,
-                   container_config={"hostname": settings.hostname, "env": dict(settings.env),
+                   capture_cap=capture_cap, services=list(services),
+                   container_config={"hostname": settings.hostname, "network": settings.network,
+                                     "allow": [list(target) for target in settings.allow],
+                                     "netem": [list(fault) for fault in settings.netem],
+                                     "outbound": settings.outbound,
+                                     "describe": _describe(settings, plan, services),
+                                     "env": dict(settings.env),
                                      "mounts": mounts, "cwd": self.cwd, "cap_add": list(settings.cap_add),
                                      "system_paths": settings.system_paths, "landlock": landlock,
                                      "rlimits": [list(limit) for limit in plan.rlimits]})
@@ -302,3 +313,13 @@ def settings_caps(settings: Settings) -> tuple[int, int]:
     container), so the events may take several times the capture cap."""
     capture = settings.capture_limit
     return 8 * capture + (16 << 20), capture
+
+
+def _describe(settings: Settings, plan, services) -> dict:
+    """What the isolated_container fixture says (container_info.py); the host adds
+    the addresses."""
+    limits = {"memory": settings.memory, "memory_swap": settings.memory_swap, "cpus": settings.cpus,
+              "pids": settings.pids, "timeout": settings.timeout,
+              "ulimits": {name: [soft, hard] for name, soft, hard in settings.ulimits}}
+    return {"hostname": settings.hostname, "network": settings.network, "limits": limits,
+            "enforcement": plan.enforcement, "services": [spec["name"] for spec in services]}

@@ -7,7 +7,8 @@ explains the entry format and how entries are applied).
   root filesystem (``dir:``): its layers stacked as overlay lower layers, the
   project and the controller's Python packages (pytest, this plugin, the test's
   dependencies) bound read-only at their own paths, and the image's own interpreter
-  of the controller's major.minor version (``image_python``).
+  of the controller's major.minor version (``image_python``); failing that, an image
+  interpreter with its own pytest>=8.0, and only this plugin and the project bound.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ class Image:
     python: str  # the interpreter the container host runs, as the image has it
     env: dict[str, str] | None = None  # the image's environment (None: the controller's)
     sys_path: list[str] | None = None  # the controller's paths the host imports from (None: all)
+    pytest: str | None = None  # the version of the image's own pytest, when tests run with it
 
 
 class ImageProblem(Exception):
@@ -140,13 +142,15 @@ def _resolve(layers: list[str], path: str, hops: int = 40) -> str | None:
     return done if not parts else None
 
 
-def image_python(layers: list[str], what: str) -> str:
-    """The image's interpreter of the controller's major.minor, as a path in the image."""
-    want = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    found = []
+MIN_PYTEST = (8, 0)  # pyproject.toml's pytest>=8.0
+
+
+def _interpreters(layers: list[str]) -> list[tuple[str, str | None]]:
+    """(path in the image, its major.minor or None) of each interpreter found there."""
+    found: list[tuple[str, str | None]] = []
     for candidate in PYTHON_CANDIDATES:
         resolved = _resolve(layers, candidate)
-        if resolved is None:
+        if resolved is None or any(resolved == path for path, _ in found):
             continue
         match = re.search(r"python(\d+\.\d+)$", resolved)
         version = match.group(1) if match else None
@@ -157,14 +161,97 @@ def image_python(layers: list[str], what: str) -> str:
                         if _in_layers(layers, f"{prefix}/lib/python3.{v}/os.py"):
                             version = f"3.{v}"
                             break
+        found.append((resolved, version))
+    return found
+
+
+def _site_directories(python: str, version: str) -> list[str]:
+    """Where an interpreter at ``python`` finds installed packages, as distributions lay them out."""
+    prefixes = dict.fromkeys([os.path.dirname(os.path.dirname(python)), "/usr/local", "/usr"])
+    return [f"{prefix}/{lib}/python{version}/{kind}" for prefix in prefixes for lib in ("lib", "lib64")
+            for kind in ("site-packages", "dist-packages")] + ["/usr/lib/python3/dist-packages"]
+
+
+def _read_small(layers: list[str], path: str, cap: int = 1 << 16) -> str:
+    """The start of a regular file in the image; never follows a symlink onto the host."""
+    found = _in_layers(layers, path)
+    if found is None:
+        return ""
+    try:
+        fd = os.open(found, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return ""
+    try:
+        return os.read(fd, cap).decode(errors="replace") if stat.S_ISREG(os.fstat(fd).st_mode) else ""
+    finally:
+        os.close(fd)
+
+
+def image_pytest(layers: list[str], python: str, version: str) -> tuple[str, str] | None:
+    """(pytest's version, its site directory) installed for the image's ``python`` of
+    ``version``, found by reading the layers (nothing of the image runs here)."""
+    for site_dir in _site_directories(python, version):
+        resolved = _resolve(layers, site_dir)
+        if resolved is None or _in_layers(layers, f"{resolved}/pytest/__init__.py") is None:
+            continue
+        names = set()
+        for layer in layers:
+            try:
+                names.update(n for n in os.listdir(layer + resolved) if n.startswith("pytest-"))
+            except OSError:
+                pass
+        texts = [_read_small(layers, f"{resolved}/{name}/{meta}") for name in sorted(names)
+                 for meta in ("METADATA", "PKG-INFO") if re.fullmatch(r"pytest-[^-]+\.(dist|egg)-info", name)]
+        texts.append(_read_small(layers, f"{resolved}/_pytest/_version.py"))
+        for text in texts:
+            match = re.search(r"^Version: *([0-9][0-9A-Za-z.+-]{0,40})\s*$", text, re.M) or \
+                re.search(r"""^(?:__version__|version) *= *(?:\w+ *= *)?['"]([0-9][0-9A-Za-z.+-]{0,40})['"]""",
+                          text, re.M)
+            if match:
+                return match.group(1), resolved
+        return "?", resolved
+    return None
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    match = re.match(r"(\d+)\.(\d+)", text)
+    return (int(match.group(1)), int(match.group(2))) if match else ()
+
+
+def image_python(layers: list[str], what: str) -> tuple[str, str | None]:
+    """The interpreter the container host runs, and the version of the image's pytest
+    it runs with (None: the controller's pytest, bound in). The image's Python of the
+    controller's major.minor comes first; otherwise one that has pytest>=8.0."""
+    want = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    interpreters = _interpreters(layers)
+    for path, version in interpreters:
         if version == want:
-            return resolved
-        found.append(f"Python {version or '?'} ({resolved})")
-    if not found:
+            return path, None
+    if not interpreters:
         raise ImageProblem(f"{what} has no Python (looked for {', '.join(PYTHON_CANDIDATES)}): the container "
                            f"host runs pytest with the image's interpreter; use an image with Python {want}")
-    raise ImageProblem(f"{what} has {', '.join(found)}, and pytest runs on Python {want}: run pytest with that "
-                       f"version (its pytest and plugins are then used inside), or use an image with Python {want}")
+    too_old = []
+    for path, version in interpreters:
+        found = image_pytest(layers, path, version) if version else None
+        if found and _version_tuple(found[0]) >= MIN_PYTEST:
+            return path, found[0]
+        if found:
+            shown = "of an unknown version" if found[0] == "?" else found[0]
+            too_old.append(f"pytest {shown} for Python {version} ({found[1]})")
+    needed = ".".join(map(str, MIN_PYTEST))
+    if too_old:
+        raise ImageProblem(f"{what} has {', '.join(too_old)}; pytest-isolate needs pytest>={needed} there, as pytest "
+                           f"here runs on Python {want}: upgrade pytest in the image (pip install "
+                           f"'pytest>={needed}'), or use an image with Python {want}")
+    shown = ", ".join(f"Python {version or '?'} ({path})" for path, version in interpreters)
+    raise ImageProblem(f"{what} has {shown} without pytest, and pytest here runs on Python {want}: install "
+                       f"'pytest>={needed}' in the image (its pytest then runs the tests), use an image with Python "
+                       f"{want}, or run pytest with the image's Python version")
+
+
+def _plugin_only() -> str:
+    """This plugin's package directory: all an image's own pytest needs from here."""
+    return os.path.dirname(os.path.abspath(__file__))
 
 
 def _controller_packages() -> list[str]:
@@ -220,8 +307,9 @@ def layered_image(layers: list[str], image_env: list[str], project_paths: Iterab
                   idmap: bool = False, python: str = "auto") -> Image:
     """An OCI image's or a root filesystem's entries: ``layers`` host directories,
     top first (``idmap``: their files belong to host users, not to the container's)."""
+    pytest_version = None
     if python == "auto":
-        python = image_python(layers, what)
+        python, pytest_version = image_python(layers, what)
     else:
         resolved = _resolve(layers, python)
         found = _in_layers(layers, resolved) if resolved else None
@@ -229,7 +317,9 @@ def layered_image(layers: list[str], image_env: list[str], project_paths: Iterab
             raise ImageProblem(f"{python} is not an executable file in {what}")
         python = resolved
     project = _covering(project_paths)
-    packages = _covering(_controller_packages() + project)
+    # With the image's pytest, only this plugin and the project come from here: the
+    # controller's packages are for another Python.
+    packages = _covering(([_plugin_only()] if pytest_version else _controller_packages()) + project)
     entries = [{"type": "layers", "dst": "/", "layers": list(layers), "idmap": idmap}]
     for path in packages:
         if path in NOT_BINDABLE or any(path == p or path.startswith(p + "/") for p in ("/proc", "/sys", "/dev")):
@@ -237,13 +327,17 @@ def layered_image(layers: list[str], image_env: list[str], project_paths: Iterab
         entries.append({"type": "bind", "dst": path, "src": path, "ro": True, "idmap": path in project})
     env = dict(e.partition("=")[::2] for e in image_env if "=" in e)
     env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-    return Image(_pinned(entries + _system_entries()) + _dev_links(), python, env, packages)
+    sys_path = packages
+    if pytest_version:  # the plugin imported from its parent, which holds nothing else here
+        sys_path = list(dict.fromkeys([os.path.dirname(_plugin_only())] + [p for p in packages if p != _plugin_only()]))
+    return Image(_pinned(entries + _system_entries()) + _dev_links(), python, env, sys_path, pytest_version)
 
 
 def resolve(image: str, project_paths: list[str], pull: str = "missing", progress=None,
-            python: str = "auto") -> Image:
+            python: str = "auto", insecure: Iterable[str] = ()) -> Image:
     """The Image of a normalised reference; an OCI image is read into the store first
-    when it is missing there (``pull="missing"``), always, or never."""
+    when it is missing there (``pull="missing"``), always, or never (``insecure``:
+    registries that may use plain http or unverified TLS, oci/registry.py)."""
     from .oci import local, reference, store as store_module
 
     ref = reference.parse(image)
@@ -262,7 +356,7 @@ def resolve(image: str, project_paths: list[str], pull: str = "missing", progres
             raise ImageProblem(f"{image} is not in the image store ({store.root}) and --isolate-pull=never: "
                                f"run `python -m pytest_isolate pull {image}` first")
         try:
-            record = local.import_image(ref, store, progress)
+            record = local.import_image(ref, store, progress, tuple(insecure))
         except (local.ImageError, store_module.StoreError) as exc:
             raise ImageProblem(str(exc)) from None
         except OSError as exc:

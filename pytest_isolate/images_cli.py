@@ -22,6 +22,13 @@ def pull(args) -> int:
     except reference.ReferenceError as exc:
         print(f"pytest-isolate pull: {exc}", file=sys.stderr)
         return 2
+    insecure = []
+    for value in args.insecure_registry or []:
+        try:
+            insecure.append(reference.parse_registry_host(value))
+        except reference.ReferenceError as exc:
+            print(f"pytest-isolate pull: --insecure-registry: {exc}", file=sys.stderr)
+            return 2
     if ref.transport in ("host", "dir"):
         print(f"{ref}: nothing to pull (it is used where it is)")
         return 0
@@ -29,7 +36,7 @@ def pull(args) -> int:
     started = time.monotonic()
     progress = _Progress(str(ref)) if show else None
     try:
-        record = local.import_image(ref, _store(args), progress)
+        record = local.import_image(ref, _store(args), progress, tuple(insecure))
     except (local.ImageError, store.StoreError, OSError) as exc:
         if progress:
             progress.end(failed=True)

@@ -3,6 +3,7 @@ container hosts (``controller.py``) and replay what comes back."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import warnings
@@ -10,11 +11,13 @@ from typing import Any
 
 import pytest
 
-from . import limits, shared_support
+from . import limits, services, shared_support
 from . import options as opts
+from .container_info import isolated_container  # noqa: F401 - the fixture, for every test
 
 MARKER = "isolated"
 settings_key = pytest.StashKey[opts.Settings]()
+services_key = pytest.StashKey[list]()  # the services a test uses (services.specs_for)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -33,6 +36,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="when to read an image into the image store: missing (default), always, never "
                     "(as Docker's --pull)")
     parser.addini("isolate_pull", default=None, help="like --isolate-pull")
+    group.addoption("--isolate-insecure-registry", dest="isolate_insecure_registry", metavar="HOST[:PORT]",
+                    action="append", default=None,
+                    help="a registry reached over plain http or with an unverified certificate (repeatable; "
+                    "loopback registries may use plain http anyway), as Docker's insecure-registries")
+    parser.addini("isolate_insecure_registries", type="linelist", default=[],
+                  help="registries (HOST[:PORT], one a line) reached over plain http or with an unverified "
+                  "certificate, as Docker's insecure-registries (added to those of the command line)")
     for option in opts.OPTIONS:
         group.addoption(option.flag, dest=f"isolate_{option.name}", metavar=option.metavar,
                         action="append" if option.multiple else "store", default=None,
@@ -65,6 +75,7 @@ class IsolatePlugin:
         self.isolate_all = bool(config.getoption("isolate") or self._ini_switch())
         self.base_layers = [self._ini_layer(), self._cli_layer()]
         controller.pull_policy = self._pull_policy()
+        controller.insecure_registries = self._insecure_registries()
         self.isolated_count = 0
         self.worker_lines: list[str] = []
         self.teardown_errors: list[str] = []  # of shared fixtures, also from xdist workers
@@ -89,6 +100,21 @@ class IsolatePlugin:
         if value not in opts.PULL_POLICIES:
             raise pytest.UsageError(f"{where}: got {value!r}; accepted: {', '.join(map(repr, opts.PULL_POLICIES))}")
         return value
+
+    def _insecure_registries(self) -> tuple[str, ...]:
+        given = [(v, f"ini key isolate_insecure_registries {self._ini_source()}")
+                 for v in self.config.getini("isolate_insecure_registries") or []]
+        given += [(v, "command line --isolate-insecure-registry")
+                  for v in self.config.getoption("isolate_insecure_registry") or []]
+        from .oci import reference
+
+        names = []
+        for value, where in given:
+            try:
+                names.append(reference.parse_registry_host(value))
+            except reference.ReferenceError as exc:
+                raise pytest.UsageError(f"{where}: {exc}") from None
+        return tuple(names)
 
     def _ini_source(self) -> str:
         inipath = self.config.inipath
@@ -173,7 +199,11 @@ class IsolatePlugin:
             self._check_marker_names(item, registered)
             layers = self._marker_layers(item)
             if layers is not None:
-                settings = item.stash[settings_key] = opts.merge(self.base_layers + layers)
+                settings = opts.merge(self.base_layers + layers)
+                wanted = item.stash[services_key] = services.specs_for(item)
+                if wanted and settings.network == "none":  # a test that uses a service reaches it
+                    settings = dataclasses.replace(settings, network=services.DEFAULT_NETWORK)
+                item.stash[settings_key] = settings
                 problem = settings.problem()
                 if problem:
                     raise pytest.UsageError(f"{item.nodeid}: invalid {problem[0]!r} (from "
@@ -197,7 +227,7 @@ class IsolatePlugin:
         if settings is None:
             return None
         item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-        self.controller.run(item, nextitem, settings)
+        self.controller.run(item, nextitem, settings, item.stash.get(services_key, []))
         item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
         return True
 

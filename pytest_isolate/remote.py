@@ -35,7 +35,9 @@ import time
 
 import pytest
 
-from pytest_isolate import coverage_container, fresh, reporter, shared_container
+from pytest_isolate import (
+    container_info, coverage_container, fresh, reporter, services_container, services_host, shared_container,
+)
 from pytest_isolate.runtime import hugepages, launch, link, masks, pipeline, process
 from pytest_isolate.runtime.supervisor import Supervisor, read_capped
 from pytest_isolate.runtime.zygote import Zygote
@@ -70,6 +72,7 @@ class Host:
         self.pipeline = pipeline.Pipeline(pipeline.InitFactory(link.Channel.from_fd(launched["factory_fd"])))
         self.masks = masks.system_path_masks()
         self.shared = shared_container.Shared()
+        self.services = services_host.Services(self.pipeline.factory, self.masks)
         self.ready = False
 
     def send(self, name: str, /, **fields) -> None:
@@ -122,12 +125,14 @@ class Host:
         self.send("zygote_pid", pid=self.zygote(in_limits=True).pid)
 
     def controller_shutdown(self) -> bool:
+        self.services.shutdown()
         self.pipeline.shutdown()
         self.send("closed", teardown_error=self.shared.tear_down())
         return False
 
     def controller_run(self, nodeid: str, container_config: dict, mode: str, timeout, fresh_arg: str,
-                       seccomp_programs: list, in_zygote: bool, events_cap: int, capture_cap: int) -> None:
+                       seccomp_programs: list, in_zygote: bool, events_cap: int, capture_cap: int,
+                       services: list) -> None:
         if nodeid not in self.items and mode == "fork":
             why = "\n".join(self.collect_errors) or "it was not collected there"
             self._cannot_run("not_collected", message=f"{nodeid} was not collected in its container host:\n"
@@ -139,9 +144,16 @@ class Host:
                 f"cap_add=SYS_ADMIN is refused here: the image's mounts could not be locked "
                 f"({unlocked}), so the test could make them writable"), step="mount locking")
             return
-        config = dict(container_config, seccomp_programs=seccomp_programs, masks=self.masks,
-                      mounts=container_config["mounts"] + self.shared.mounts)
         started = time.perf_counter()
+        network = container_config["network"]
+        try:  # before the test's container: its /etc/hosts names them
+            found = self.services.ensure(services, network, nodeid, self.zygote(in_limits=False), seccomp_programs)
+        except (services_host.ServiceError, OSError, pipeline.InitError) as exc:
+            self._cannot_run("container_error", message=str(exc)[:CRASHLOG_CAP], step="services")
+            return
+        config = dict(container_config, seccomp_programs=seccomp_programs, masks=self.masks,
+                      mounts=container_config["mounts"] + self.shared.mounts + self.services.mounts(found),
+                      hosts=self.services.hosts(network))
         # Limited tests are forked by the zygote in their cgroup and waited for to the
         # end: the next one must not share its limits with this one's leftovers.
         zygote = self.zygote(in_limits=in_zygote)
@@ -152,7 +164,8 @@ class Host:
                              step=getattr(exc, "step", "start"))
             return
         deadline = time.monotonic() + timeout if timeout else None
-        test.go(nodeid=nodeid, fresh_arg=fresh_arg, deadline=deadline, capture_cap=capture_cap)
+        test.go(nodeid=nodeid, fresh_arg=fresh_arg, deadline=deadline, capture_cap=capture_cap, services=found,
+                container=dict(container_config["describe"], addresses=test.namespaces.addresses))
         if not in_zygote:
             self.pipeline.prepare_next(config, zygote)  # while this test runs
         supervisor = Supervisor(test.test_pidfd, test.events_fd, deadline and deadline + KILL_GRACE,
@@ -173,6 +186,7 @@ class Host:
                   crashlog="" if clean else read_capped(test.file("crashlog"), CRASHLOG_CAP, "the crash log"),
                   rusage=rusage, duration=time.perf_counter() - started, events=rest)
         test.close_files()
+        self.services.after_test()
 
     def _cannot_run(self, event: str, **fields) -> None:
         """The test never ran: why, as the one event of a test that ended without status."""
@@ -187,7 +201,13 @@ class Host:
         if in_limits not in self._zygotes:
             # pytest's capture files and the session's output stay the same all session.
             keep = reporter.capture_fds(self.config) | {self.start["session_output_fd"]}
-            payload = fresh.payload(self.start) if self.start["mode"] == "fresh" else self._run_item
+            test = fresh.payload(self.start) if self.start["mode"] == "fresh" else self._run_item
+
+            def payload(job: dict, files: dict) -> None:
+                if "argv" in job:  # a service's process (services_host.py)
+                    services_container.exec_service(job, files)
+                test(job, files)
+
             self._zygotes[in_limits] = Zygote(payload, keep)
         return self._zygotes[in_limits]
 
@@ -196,6 +216,8 @@ class Host:
         test = reporter.TestReporter(self.config, files, job["capture_cap"])
         self.fixtures.reporter = test
         self.shared.forget_in_test()
+        services_container.set_current(job["services"])
+        container_info.set_current(job["container"])
         test.run_item(self.items[job["nodeid"]], job["deadline"])
 
 
@@ -206,7 +228,9 @@ def serve(channel) -> None:
         return
     _, start = link.read_text(channel.receive(), ("start",))
     try:
-        if start["own_stdlib"]:  # an image's interpreter: its standard library, our packages
+        if start["own_packages"]:  # an image's interpreter and pytest: this plugin first
+            sys.path[:] = list(dict.fromkeys(start["sys_path"] + sys.path))
+        elif start["own_stdlib"]:  # an image's interpreter: its standard library, our packages
             own = [p for p in sys.path if not {"site-packages", "dist-packages"} & set(p.split("/"))]
             sys.path[:] = own + start["sys_path"]
             for path in start["sys_path"]:
@@ -223,6 +247,7 @@ def serve(channel) -> None:
         host = Host(config, channel, start, launched)
         config.pluginmanager.register(host, "isolate-host")
         config.pluginmanager.register(host.fixtures, "isolate-fixtures")
+        config.pluginmanager.register(services_container.LogSections(), "isolate-service-logs")
     except Exception as exc:  # e.g. the project's pytest.toml unreadable in the image
         channel.send(link.message("host_error", message=_start_failure(exc, launched["notes"])))
         return

@@ -48,6 +48,12 @@ def _test_frames(crashlog: str) -> str:
     return "\n".join(kept)
 
 
+# How a refused or unroutable connection, or a failed name lookup, reads in a report.
+_NETWORK_SIGNS = ("Connection refused", "[Errno 111]", "Network is unreachable", "[Errno 101]",
+                  "Name or service not known", "[Errno -2]", "Temporary failure in name resolution", "[Errno -3]",
+                  "ECONNREFUSED", "ENETUNREACH")
+
+
 def _hint(report: pytest.TestReport, settings: Settings) -> str | None:
     """What to do about a failure that isolation caused, in one line."""
     text = report.longreprtext
@@ -55,6 +61,15 @@ def _hint(report: pytest.TestReport, settings: Settings) -> str | None:
         return ("The host's directories are read-only in the container (/tmp, /dev/shm and the tmp_path "
                 "fixture are writable, and thrown away after the test): write to tmp_path, or mount a "
                 'writable directory: @pytest.mark.isolated(mounts=["SRC:DST:rw"]).')
+    if any(sign in text for sign in _NETWORK_SIGNS):
+        if settings.network == "none":
+            return ("The container has no network but its own lo (network='none'): 127.0.0.1 is the container's, "
+                    "not this machine's, and nothing else is reachable. Put the test and its servers on a private "
+                    "network: @pytest.mark.isolated(network='NAME'), or let it reach a port of this machine: "
+                    "allow=['127.0.0.1:PORT'] (see docs/networks.md).")
+        return (f"The container is on the private network {settings.network!r}: only that network's containers are "
+                "reachable, by the names in its /etc/hosts, and this machine's ports named in allow=[...]; "
+                "nothing else is.")
     writable = [m for m in settings.mounts if not m.readonly]
     if writable and ("Permission denied" in text or "[Errno 13]" in text) and os.geteuid() == 0:
         from .runtime import user_ns

@@ -67,6 +67,27 @@ def find_processes(cmdline_part: str) -> list[int]:
     return [int(p) for p in os.listdir("/proc") if p.isdigit() and needle in read_quietly(f"/proc/{p}/cmdline")]
 
 
+def find_processes_named(comm: str) -> list[int]:
+    """Pids whose /proc/PID/comm is ``comm``."""
+    return [int(p) for p in os.listdir("/proc")
+            if p.isdigit() and read_quietly(f"/proc/{p}/comm").strip() == comm.encode()]
+
+
+def marker_usage_error(pytester: pytest.Pytester, run, **marker) -> str:
+    """Run a test marked ``@pytest.mark.isolated(**marker)``: it must be a usage error;
+    what pytest wrote to stderr."""
+    pytester.makepyfile(test_bad=f"""
+        import pytest
+
+        @pytest.mark.isolated({", ".join(f"{k}={v!r}" for k, v in marker.items())})
+        def test_a():
+            pass
+    """)
+    result = run()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str()
+    return result.stderr.str()
+
+
 def wait_for(probe, timeout: float):
     """Poll ``probe`` until it returns something falsy or the time is up; returns its last value."""
     deadline = time.monotonic() + timeout

@@ -4,6 +4,7 @@ ldd names, busybox), and OCI layouts and docker archives of it written in Python
 
 from __future__ import annotations
 
+import glob
 import gzip
 import hashlib
 import io
@@ -51,13 +52,18 @@ def python_rootfs(root: str) -> str:
     os.symlink(f"python{VERSION}", root + "/usr/bin/python3")
     shutil.copytree(f"/usr/lib/python{VERSION}", f"{root}/usr/lib/python{VERSION}", symlinks=True,
                     ignore=shutil.ignore_patterns("__pycache__", "test", "tests", "idlelib", "tkinter", "turtledemo"))
-    binaries = [SYSTEM_PYTHON] + [os.path.join(folder, name)
-                                  for folder, _, names in os.walk(f"{root}/usr/lib/python{VERSION}/lib-dynload")
-                                  for name in names if name.endswith(".so")]
+    binaries = [SYSTEM_PYTHON]
     # What the controller's packages load (their C extensions) must be there too.
     for folder in site.getsitepackages():
         for parent, _, names in os.walk(folder):
             binaries += [os.path.join(parent, name) for name in names if ".so" in name]
+    return _system(root, binaries, f"{root}/usr/lib/python{VERSION}/lib-dynload")
+
+
+def _system(root: str, binaries: list[str], dynload: str) -> str:
+    """The libraries ``binaries`` and the interpreter's C modules load, busybox, /etc."""
+    binaries = binaries + [os.path.join(folder, name) for folder, _, names in os.walk(dynload)
+                           for name in names if name.endswith(".so")]
     for binary in binaries:
         for library in _libraries(binary):
             _copy(library, root)
@@ -77,6 +83,49 @@ def python_rootfs(root: str) -> str:
         os.makedirs(f"{root}/{folder}", exist_ok=True)
     os.chmod(f"{root}/srv", 0o1777)  # writable whoever owns the image's files
     return root
+
+
+# Another major.minor than the controller's, with a pytest of its own to put in the
+# image: pyenv's Python 3.9 (root's home, unreadable rootless) and a venv of it.
+OTHER_VERSION = "3.9"
+OTHER_PYTEST_SITE = f"/work/venv39/lib/python{OTHER_VERSION}/site-packages"
+PYTEST_PACKAGES = ("pytest", "_pytest", "pluggy", "iniconfig", "packaging", "exceptiongroup", "tomli", "py.py",
+                   "typing_extensions.py", "typing_extensions")
+
+
+def other_python() -> str | None:
+    """The other-version interpreter an image can be built from, if this user can read one."""
+    if VERSION == OTHER_VERSION or not shutil.which("ldd"):
+        return None
+    for path in sorted(glob.glob(f"/root/.pyenv/versions/{OTHER_VERSION}.*/bin/python{OTHER_VERSION}")):
+        stdlib = os.path.join(os.path.dirname(os.path.dirname(path)), "lib", f"python{OTHER_VERSION}")
+        if os.access(path, os.X_OK) and os.access(f"{stdlib}/os.py", os.R_OK):
+            return path
+    return None
+
+
+def other_python_rootfs(root: str, python: str, with_pytest: bool = True) -> str:
+    """A root filesystem laid out as Docker's python images are (/usr/local/bin/python3),
+    of the interpreter ``python``; with pytest installed in its site-packages."""
+    version = OTHER_VERSION
+    stdlib = os.path.join(os.path.dirname(os.path.dirname(python)), "lib", f"python{version}")
+    os.makedirs(root + "/usr/local/bin")
+    shutil.copy2(python, f"{root}/usr/local/bin/python{version}")
+    os.symlink(f"python{version}", root + "/usr/local/bin/python3")
+    shutil.copytree(stdlib, f"{root}/usr/local/lib/python{version}", symlinks=True, ignore=shutil.ignore_patterns(
+        "__pycache__", "test", "tests", "idlelib", "tkinter", "turtledemo", "site-packages", "ensurepip"))
+    packages = f"{root}/usr/local/lib/python{version}/site-packages"
+    os.makedirs(packages)
+    if with_pytest:
+        for name in os.listdir(OTHER_PYTEST_SITE):
+            if name in PYTEST_PACKAGES or any(name.startswith(p + "-") and name.endswith(".dist-info")
+                                              for p in PYTEST_PACKAGES):
+                source = os.path.join(OTHER_PYTEST_SITE, name)
+                if os.path.isdir(source):
+                    shutil.copytree(source, f"{packages}/{name}", ignore=shutil.ignore_patterns("__pycache__"))
+                else:
+                    shutil.copy2(source, packages)
+    return _system(root, [python], f"{root}/usr/local/lib/python{version}/lib-dynload")
 
 
 def _sha(data: bytes) -> str:

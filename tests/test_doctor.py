@@ -299,3 +299,28 @@ def test_the_images_check_probes_layers_in_a_user_namespace(report, monkeypatch,
     result = doctor.check_images()
     assert result.status == "warn" and result.fix == "apt install zstd, or pip install zstandard"
     assert "(0 images)" in result.finding and not (tmp_path / "never-made").exists()
+
+
+def test_the_networks_check_makes_a_bridge_and_a_veth_and_finds_the_qdiscs(report, monkeypatch):
+    networks = next(c for c in report["checks"] if c["name"] == "networks")
+    assert "private networks, services and allow= work" in networks["finding"]
+    # Its netem verdict is the kernel's: the same probe a container's netem= meets.
+    def kernel_has(kind: str, extra: str) -> bool:
+        code = ("from pyroute2 import IPRoute\nip = IPRoute()\nip.link('add', ifname='v0', kind='veth', "
+                f"peer={{'ifname': 'v1'}})\nip.tc('add', '{kind}', index=ip.link_lookup(ifname='v0')[0], {extra})\n")
+        return subprocess.run(["unshare", "--user", "--map-root-user", "--net", sys.executable, "-c", code],
+                              capture_output=True, timeout=60).returncode == 0
+
+    has_netem = kernel_has("netem", "delay=1000")
+    assert networks["details"]["netem"] is has_netem
+    assert (networks["status"] == "ok") is has_netem
+    assert networks["details"]["tbf"] is kernel_has("tbf", "rate='1mbit', burst=16384, latency='100ms'")
+
+    from pytest_isolate import doctor_networks
+
+    def broken_kernel(report_fd):
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(doctor_networks, "probe", broken_kernel)
+    result = doctor.check_networks()
+    assert result.status == doctor.WARN and result.finding.startswith("no private network can be made")

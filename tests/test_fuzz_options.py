@@ -106,6 +106,11 @@ VALID_TEXT = {  # single-line strings, as the command line and ini files give th
     "pids": st.integers(2, 10**6).map(str), "ulimits": ulimit, "limits": st.sampled_from(["strict", "best-effort"]),
     "capture_limit": size(1, 1024),
     "python": st.sampled_from(["auto", "/usr/bin/python3", "/usr/local/bin/python3.12"]),
+    "allow": st.tuples(st.sampled_from(["127.0.0.1", "[::1]", "localhost", "10.1.2.3"]), st.integers(1, 65535),
+                       st.sampled_from(["", "/tcp", "/udp"])).map(lambda t: f"{t[0]}:{t[1]}{t[2]}"),
+    "outbound": st.sampled_from(["yes", "no", "true", "false", "on", "off", "1", "0"]),
+    "netem": st.sampled_from(["delay=50ms", "loss=2%", "rate=1mbit", "delay=1s", "rate=500kbit"]),
+    "network": st.sampled_from(["none", "backend"]) | st.from_regex(r"[a-z0-9][a-z0-9_.-]{0,12}", fullmatch=True),
 }
 VALID = {**VALID_TEXT,  # and what a marker can give too
          "timeout": st.one_of(st.none(), st.just(0), positive, VALID_TEXT["timeout"]),
@@ -175,6 +180,15 @@ def check_shape(name: str, got) -> None:
         assert got is None or (type(got) is float and 0.01 <= got < 1e6)
     elif name == "capture_limit":
         assert type(got) is int and 4096 <= got <= 1 << 30
+    elif name == "allow":
+        assert isinstance(got, tuple) and len(set(got)) == len(got) <= 14
+        assert all(proto in ("tcp", "udp") and 0 < port < 65536 for _, port, proto in got)
+    elif name == "outbound":
+        assert got in (True, False)
+    elif name == "netem":
+        assert isinstance(got, tuple) and all(k in ("delay", "jitter", "loss", "rate") for k, _ in got)
+    elif name == "network":
+        assert got == "none" or (re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", got) and got != "host")
     elif name == "python":
         assert got == "auto" or (got.startswith("/") and posixpath.normpath(got) == got)
     elif name == "ulimits":
@@ -192,6 +206,11 @@ def unparse(name: str, got):
         return [f"{m.src}:{m.dst}:{'ro' if m.readonly else 'rw'}" for m in got]
     if name == "ulimits":
         return {rlimit: (soft, hard) for rlimit, soft, hard in got}
+    if name == "netem":
+        units = {"delay": "us", "jitter": "us", "loss": "%", "rate": "bit"}
+        return {key: f"{number!r}{units[key]}" for key, number in got}
+    if name == "allow":
+        return [f"[{host}]:{port}/{proto}" if ":" in host else f"{host}:{port}/{proto}" for host, port, proto in got]
     return list(got) if isinstance(got, tuple) else got
 
 

@@ -13,7 +13,9 @@ from pytest_isolate.runtime import link, namespaces, syscalls
 
 def test_a_registered_message_passes_with_exactly_its_fields() -> None:
     assert link.check(("reap", {"pid": 7}), ("reap",)) == ("reap", {"pid": 7})
-    assert link.message("build", id=1, mounts=[], hostname="h") == ("build", {"id": 1, "mounts": [], "hostname": "h"})
+    fields = {"id": 1, "mounts": [], "hostname": "h", "network": "none", "hosts": [], "host_number": None,
+              "watch_ports": False, "allow": [], "netem": [], "outbound": False}
+    assert link.message("build", **fields) == ("build", fields)
 
 
 @pytest.mark.parametrize("message, expected, why", [
@@ -37,7 +39,7 @@ def test_a_message_of_ours_that_breaks_its_registry_entry_is_refused_before_it_l
 
 def test_text_carries_one_message_and_names_the_one_it_expects() -> None:
     text = link.to_text("spec", entries=[{"type": "tmpfs", "dst": "/tmp"}], sources=[], cwd="/", hostname="h",
-                        env=None, python_path=[])
+                        env=None, python_path=[], library_path=None, allow=[], networks=[], outbound=None)
     assert link.from_text(text, "spec")["entries"] == [{"type": "tmpfs", "dst": "/tmp"}]
     with pytest.raises(link.Unexpected, match="expected launched, got 'spec'"):
         link.from_text(text, "launched")
@@ -47,9 +49,11 @@ def test_text_carries_one_message_and_names_the_one_it_expects() -> None:
 
 def test_the_job_pipe_carries_one_frame_or_nothing() -> None:
     r, w = os.pipe()
-    link.send(w, *link.message("job", nodeid="t.py::x", fresh_arg="/t.py::x", deadline=None, capture_cap=4096))
+    link.send(w, *link.message("job", nodeid="t.py::x", fresh_arg="/t.py::x", deadline=None, capture_cap=4096,
+                               services={}, container={}))
     os.close(w)
     assert link.read_one(r, "job") == {"nodeid": "t.py::x", "fresh_arg": "/t.py::x", "deadline": None,
+                                       "services": {}, "container": {},
                                        "capture_cap": 4096}
     r, w = os.pipe()
     os.close(w)
@@ -60,14 +64,14 @@ def test_a_channel_passes_fds_and_closes_those_of_an_unexpected_message() -> Non
     one, two = link.Channel.pair()
     r, w = os.pipe()
     try:
-        one.send("built", [r], id=4)
+        one.send("built", [r], id=4, addresses=[])
         name, fields, fds = two.receive("built", "build_failed")
-        assert (name, fields, len(fds)) == ("built", {"id": 4}, 1)
+        assert (name, fields, len(fds)) == ("built", {"id": 4, "addresses": []}, 1)
         os.write(w, b"x")
         assert os.read(fds[0], 1) == b"x"  # the same pipe, passed by the kernel
         os.close(fds[0])
         before = set(os.listdir("/proc/self/fd"))
-        one.send("built", [r], id=5)
+        one.send("built", [r], id=5, addresses=[])
         with pytest.raises(link.Unexpected, match="expected reaped, got 'built'"):
             two.receive("reaped")
         assert set(os.listdir("/proc/self/fd")) == before  # the passed fd was closed

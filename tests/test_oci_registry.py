@@ -669,8 +669,11 @@ def test_plain_http_only_on_loopback_or_when_named_insecure(fake, store) -> None
     assert registry.scheme_for("localhost:5000") == registry.scheme_for("[::1]:5000") == "http"
     assert registry.scheme_for("registry.example:5000") == registry.scheme_for("10.0.0.1:5000") == "https"
     assert registry.scheme_for("[2001:db8::1]:5000") == registry.scheme_for("docker.io") == "https"
-    assert registry.scheme_for("registry.example:5000", ("registry.example:5000",)) == "http"
-    assert registry.scheme_for("registry.example:5000", ("other.example",)) == "https"
+    # Named insecure: https (unverified) is tried first, plain http is then allowed.
+    assert registry.scheme_for("registry.example:5000", ("registry.example:5000",)) == "https"
+    assert registry.plain_http_allowed("registry.example:5000", ("registry.example:5000",))
+    assert registry.plain_http_allowed("registry.example:5000", ("registry.example",))
+    assert not registry.plain_http_allowed("registry.example:5000", ("registry.example:5001", "other.example"))
     assert registry.Client(reference.parse("docker://registry.example:5000/x"), ()).origin == \
         "https://registry.example:5000"
     assert registry.Client(reference.parse("docker://python"), ()).origin == "https://registry-1.docker.io"
@@ -679,7 +682,7 @@ def test_plain_http_only_on_loopback_or_when_named_insecure(fake, store) -> None
     fake.add("team/downgrade", image, "1")
     fake.redirect = "http://registry.example"
     with pytest.raises(local.ImageError, match=r"redirected to http://registry.example: refused \(plain http is "
-                                               r"used on loopback only\)"):
+                                               r"used on loopback or for insecure registries only\)"):
         pull(f"docker://{fake.netloc}/team/downgrade:1", store)
     fake.redirect = None
     client = registry.Client(reference.parse(f"docker://{fake.netloc}/team/downgrade:1"))

@@ -150,7 +150,8 @@ def test_a_host_that_cannot_start_pytest_reports_why_with_the_stage_notes(monkey
     class Channel:
         def receive(self):
             return link.to_text("start", sys_path=list(sys.path), argv=list(sys.argv), option_dict={}, args=[],
-                                workerinput={}, entries=[], collect=True, shared=[], own_stdlib=False)
+                                workerinput={}, entries=[], collect=True, shared=[], own_stdlib=False,
+                                own_packages=False)
 
         def send(self, message):
             sent.append(message)

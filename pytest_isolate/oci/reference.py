@@ -35,6 +35,17 @@ class ReferenceError(ValueError):
     """A reference that cannot be one; the message says what is accepted."""
 
 
+def parse_registry_host(value) -> str:
+    """A registry named insecure: ``host[:port]`` (a name, an IPv4 address or an
+    [IPv6] one), as Docker's ``insecure-registries`` takes it; lowercased."""
+    text = value.strip() if isinstance(value, str) else ""
+    port = re.search(r":([0-9]+)$", text)
+    if not _DOMAIN.fullmatch(text) or (port and not 0 < int(port.group(1)) < 65536):
+        raise ReferenceError(f"got {value!r:.80}; accepted: a registry as host[:port], e.g. registry.lan:5000 or "
+                             "10.0.0.5:5000 (no scheme, no path)")
+    return text.lower()
+
+
 @dataclasses.dataclass(frozen=True)
 class Reference:
     transport: str

@@ -6,9 +6,12 @@ an index, then the config and layers are streamed through ``local._finish`` like
 local image: every blob checked against its digest and size while it streams.
 
 Trust rules (docs/images.md, "Registries"):
-- plain http only for loopback registries (Docker's rule) or those named ``insecure``;
-- credentials come from the auth files and go to the registry and its token realm
-  only; any redirect to another origin loses the Authorization header;
+- plain http only for loopback registries (Docker's rule) or those the user named
+  insecure (``--isolate-insecure-registry``): https with an unverified certificate
+  first, then plain http, as Docker does for its ``insecure-registries``;
+- credentials come from the auth files or their credential helpers (credentials.py)
+  and go to the registry and its token realm only; any redirect to another origin
+  loses the Authorization header;
 - a layer descriptor's foreign ``urls`` are never followed: blobs come from the registry.
 """
 
@@ -19,7 +22,6 @@ import hashlib
 import http.client
 import ipaddress
 import json
-import os
 import re
 import socket
 import ssl
@@ -29,6 +31,7 @@ import urllib.parse
 import urllib.request
 
 from . import local
+from .credentials import auth_files, credentials  # noqa: F401 - also this module's API
 from .reference import DOCKER_HUB, Reference
 from .store import MAX_MANIFEST, Store, StoreError, Verified
 
@@ -41,7 +44,9 @@ ACCEPT = ", ".join((
 TRIES, BACKOFF, MAX_RETRY_AFTER, TIMEOUT = 3, 0.25, 5.0, 60.0
 _TRANSIENT = {408, 429, 500, 502, 503, 504}
 _HUB_API = "registry-1.docker.io"  # docker.io is a name; its API lives here
-_HUB_KEYS = ("docker.io", "index.docker.io", "registry-1.docker.io")
+INSECURE_HINT = ("if it serves plain http or a certificate this machine does not trust, and you trust the "
+                 "network, name it an insecure registry: --isolate-insecure-registry={0} (ini "
+                 "isolate_insecure_registries; `python -m pytest_isolate pull --insecure-registry={0}`)")
 
 
 def _host(netloc: str) -> str:
@@ -61,62 +66,23 @@ def is_loopback(netloc: str) -> bool:
         return False
 
 
+def named_insecure(netloc: str, insecure=()) -> bool:
+    """The user named this registry (``host[:port]``, or its host for every port) insecure."""
+    netloc = netloc.lower()
+    for name in (n.lower() for n in insecure):
+        if name == netloc or (name.strip("[]") == _host(name) and _host(name) == _host(netloc)):
+            return True
+    return False
+
+
+def plain_http_allowed(netloc: str, insecure=()) -> bool:
+    return is_loopback(netloc) or named_insecure(netloc, insecure)
+
+
 def scheme_for(registry: str, insecure=()) -> str:
-    """``http`` for a loopback registry or one the user named insecure, else ``https``."""
-    allowed = {name.lower() for name in insecure}
-    if is_loopback(registry) or registry.lower() in allowed or _host(registry) in allowed:
-        return "http"
-    return "https"
-
-
-# -- credentials ---------------------------------------------------------------------------------
-
-def auth_files() -> list[str]:
-    """Where credentials are looked for, in this order (podman's, then Docker's)."""
-    files = []
-    if os.environ.get("REGISTRY_AUTH_FILE"):
-        files.append(os.environ["REGISTRY_AUTH_FILE"])
-    if os.environ.get("XDG_RUNTIME_DIR"):
-        files.append(os.path.join(os.environ["XDG_RUNTIME_DIR"], "containers", "auth.json"))
-    files.append(os.path.join(os.path.expanduser("~"), ".docker", "config.json"))
-    return files
-
-
-def _key(key: str) -> str:
-    """An ``auths`` key as host[:port][/path]: Docker writes ``https://host/v1/`` too."""
-    key = re.sub(r"^[a-z]+://", "", key.strip().lower()).rstrip("/")
-    return re.sub(r"/v[12]$", "", key)
-
-
-def credentials(registry: str, name: str) -> tuple[tuple[str, str] | None, str | None]:
-    """((user, password), the file they came from) for ``registry/name``, or (None, None).
-    The first file with an entry wins; within it the most specific key (podman allows
-    ``host/namespace``)."""
-    hosts = _HUB_KEYS if registry == DOCKER_HUB else (registry.lower(),)
-    for path in auth_files():
-        try:
-            with open(path, "rb") as f:
-                auths = json.loads(f.read(MAX_MANIFEST)).get("auths") or {}
-        except (OSError, ValueError, AttributeError):
-            continue
-        best = None
-        for key, entry in auths.items() if isinstance(auths, dict) else ():
-            key = _key(str(key))
-            for host in hosts:
-                if f"{host}/{name}/".startswith(key + "/") and isinstance(entry, dict) \
-                        and (best is None or len(key) > len(best[0])):
-                    best = (key, entry)
-        if best is None:
-            continue
-        entry = best[1]
-        try:
-            user, _, password = base64.b64decode(entry.get("auth") or "").decode().partition(":")
-        except (ValueError, UnicodeDecodeError):
-            user = password = ""
-        user, password = user or entry.get("username") or "", password or entry.get("password") or ""
-        if user:
-            return (user, password), path
-    return None, None
+    """The scheme tried first: ``http`` on loopback, else ``https`` (an insecure
+    registry falls back to http when https fails, see Client._open)."""
+    return "http" if is_loopback(registry) else "https"
 
 
 # -- HTTP ----------------------------------------------------------------------------------------
@@ -126,20 +92,35 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
     (it is an unredirected header, so urllib drops it on every redirect; we put it back
     for the same origin), and never go to plain http off loopback."""
 
-    def __init__(self, origin: str, insecure) -> None:
-        self.origin, self.insecure = origin, insecure
+    def __init__(self, client: Client) -> None:
+        self.client = client  # its origin changes when an insecure registry falls back to http
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         target = urllib.parse.urlsplit(newurl)
         if target.scheme not in ("http", "https") or \
-                target.scheme == "http" and scheme_for(target.netloc, self.insecure) != "http":
+                target.scheme == "http" and not plain_http_allowed(target.netloc, self.client.insecure):
             raise local.ImageError(f"the registry redirected to {target.scheme}://{target.netloc}: "
-                                   "refused (plain http is used on loopback only)")
+                                   "refused (plain http is used on loopback or for insecure registries only)")
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and f"{target.scheme}://{target.netloc}" == self.origin \
+        if new is not None and f"{target.scheme}://{target.netloc}" == self.client.origin \
                 and req.has_header("Authorization"):
             new.add_unredirected_header("Authorization", req.get_header("Authorization"))
         return new
+
+
+class _TLS(urllib.request.HTTPSHandler):
+    """Certificates are verified, but those of the registries the user named insecure."""
+
+    def __init__(self, insecure) -> None:
+        super().__init__(context=ssl.create_default_context())
+        self.insecure = insecure
+        self.unverified = ssl.create_default_context()
+        self.unverified.check_hostname, self.unverified.verify_mode = False, ssl.CERT_NONE
+
+    def https_open(self, req):
+        if named_insecure(urllib.parse.urlsplit(req.full_url).netloc, self.insecure):
+            return self.do_open(http.client.HTTPSConnection, req, context=self.unverified)
+        return super().https_open(req)
 
 
 class _Body:
@@ -203,13 +184,21 @@ class Client:
         self.reference, self.insecure = reference, tuple(insecure)
         host = _HUB_API if reference.registry == DOCKER_HUB else reference.registry
         self.origin = f"{scheme_for(reference.registry, self.insecure)}://{host}"
+        self.may_fall_back = self.origin.startswith("https:") and named_insecure(reference.registry, self.insecure)
         self.credentials, self.auth_file = credentials(reference.registry, reference.name)
         self.authorization: str | None = None
-        context = ssl.create_default_context()
         self.openers = {proxy: urllib.request.build_opener(
             urllib.request.ProxyHandler() if proxy else urllib.request.ProxyHandler({}),
-            urllib.request.HTTPSHandler(context=context), _Redirects(self.origin, self.insecure))
-            for proxy in (True, False)}
+            _TLS(self.insecure), _Redirects(self)) for proxy in (True, False)}
+
+    def _fall_back(self, url: str, reason) -> str | None:
+        """The same URL over plain http, once, when https to an insecure registry failed."""
+        if not self.may_fall_back or not url.startswith(self.origin + "/") or \
+                not isinstance(reason, (ssl.SSLError, ConnectionRefusedError, ConnectionResetError)):
+            return None
+        self.may_fall_back = False
+        self.origin = "http" + self.origin[len("https"):]
+        return "http" + url[len("https"):]
 
     def _open(self, url: str, headers: dict, authorization: str | None):
         """One GET, retried on transient failures; HTTPError for any other error status."""
@@ -229,11 +218,18 @@ class Client:
                 exc.close()
             except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
                 reason = getattr(exc, "reason", exc)
+                plain = self._fall_back(url, reason)
+                if plain:
+                    url = plain
+                    continue
                 # A refused connection or an unknown name will not heal in a second.
                 if isinstance(reason, (ConnectionRefusedError, socket.gaierror, ssl.SSLError, str)) \
                         or attempt == TRIES - 1:
-                    raise local.ImageError(f"{self.reference}: cannot reach registry "
-                                           f"{urllib.parse.urlsplit(url).netloc} ({reason})") from None
+                    netloc = urllib.parse.urlsplit(url).netloc
+                    hint = "; " + INSECURE_HINT.format(netloc) if isinstance(reason, ssl.SSLError) and \
+                        not plain_http_allowed(netloc, self.insecure) else ""
+                    raise local.ImageError(f"{self.reference}: cannot reach registry {netloc} ({reason}){hint}") \
+                        from None
                 delay = BACKOFF * 2 ** attempt
             time.sleep(delay)
         raise AssertionError("unreachable")
@@ -294,9 +290,9 @@ class Client:
         # host), and the user's credentials for the registry go there; but only over
         # https, or plain http on loopback or to a registry the user named insecure.
         if realm.scheme not in ("http", "https") or (realm.scheme == "http" and
-                                                      scheme_for(realm.netloc, self.insecure) != "http"):
-            raise local.ImageError(f"{self.reference}: refused the token service {params['realm']} "
-                                   "(credentials and tokens travel over https; plain http on loopback only)")
+                                                      not plain_http_allowed(realm.netloc, self.insecure)):
+            raise local.ImageError(f"{self.reference}: refused the token service {params['realm']} (credentials "
+                                   "and tokens travel over https; plain http on loopback or to insecure registries)")
         query = {k: params[k] for k in ("service", "scope") if params.get(k)}
         query.setdefault("scope", f"repository:{self.reference.name}:pull")
         url = params["realm"] + ("&" if realm.query else "?") + urllib.parse.urlencode(query)

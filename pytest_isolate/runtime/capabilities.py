@@ -17,6 +17,9 @@ configures the test's own network namespace, never the host's.
 
 from __future__ import annotations
 
+import errno
+import os
+
 from . import syscalls
 
 # capability(7) numbers, in order.
@@ -62,3 +65,29 @@ def drop_all(keep: frozenset[str] | set[str] = frozenset()) -> None:
 
 def set_no_new_privs() -> None:
     syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
+
+
+PR_SET_KEEPCAPS = 8
+
+
+def become(uid: int, gid: int) -> None:
+    """Switch to ``uid``/``gid`` (inside the container's user namespace) while still
+    able to drop capabilities after: a uid change from 0 clears the effective set, so
+    the permitted one is kept across it (PR_SET_KEEPCAPS) and made effective again
+    for drop_all, which then empties all of them."""
+    try:
+        os.setgroups([gid])
+    except PermissionError:
+        pass  # rootless: setgroups is denied in the user namespace, and there is one group anyway
+    syscalls.prctl(PR_SET_KEEPCAPS, 1)
+    try:
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        raise OSError(exc.errno, f"uid {uid} / gid {gid} is not mapped in the container's user namespace (a "
+                      "rootless container maps only your own uid, unless /etc/subuid gives you a range)") from None
+    every = (1 << (last_cap() + 1)) - 1
+    syscalls.capset(every, every, 0)
+    syscalls.prctl(PR_SET_KEEPCAPS, 0)

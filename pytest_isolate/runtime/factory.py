@@ -24,10 +24,11 @@ import os
 import signal
 import socket
 
-from . import link, namespaces, network, process, rootfs, syscalls, tiny_init
+from . import link, namespaces, network, process, relay, rootfs, syscalls, tiny_init
 
 
-def serve(channel: link.Channel, entries: list[dict]) -> None:
+def serve(channel: link.Channel, entries: list[dict], library_path: str | None = None,
+          relay_channel: link.Channel | None = None, networks_ahead: list[str] = ()) -> None:
     """The factory's loop, until the host is gone."""
     process.set_name("isolate-factory")
     # Inits are reaped by the kernel, and so are the orphans they inherit (they
@@ -39,13 +40,21 @@ def serve(channel: link.Channel, entries: list[dict]) -> None:
     # back into it would need real root.
     syscalls.unshare(syscalls.CLONE_NEWNS)
     home = namespaces.open_own(ns.name for ns in namespaces.JOINED)
+    networks = network.Networks(home["net"], library_path)
+    # The networks the run's tests name: their bridges (and pyroute2's import, ~150 ms)
+    # now, while the host still collects, not on the first such test's way.
+    for name in networks_ahead:
+        try:
+            networks.prepare(name)
+        except Exception:  # noqa: BLE001 - the first container that needs it says why
+            break
     while True:
         received = channel.receive("build")
         if received is None:
             return  # the host is gone
         _, request, _ = received
         try:
-            fds = _container(entries, request)
+            fds, addresses = _container(entries, request, networks, relay_channel)
         except Exception as exc:
             channel.send("build_failed", id=request["id"], message=process.describe_error(exc),
                          step=getattr(exc, "step", "init"))
@@ -53,20 +62,34 @@ def serve(channel: link.Channel, entries: list[dict]) -> None:
         finally:
             _go_home(home)
         try:
-            channel.send("built", fds, id=request["id"])
+            channel.send("built", fds, id=request["id"], addresses=addresses)
         finally:
             for fd in fds:
                 os.close(fd)
 
 
-def _container(entries: list[dict], request: dict) -> list[int]:
-    """Build one container around the factory; its namespace fds (namespaces.FILES)
-    and init's pidfd."""
+def _container(entries: list[dict], request: dict, networks: network.Networks,
+               relay_channel: link.Channel | None) -> tuple[list[int], list[str]]:
+    """Build one container around the factory; its namespace fds (namespaces.FILES),
+    init's pidfd and, for a service, its /proc/net/tcp and tcp6; its addresses."""
+    if request["network"] != network.NONE:
+        networks.prepare(request["network"])  # at home: before the unshare below
     syscalls.unshare(namespaces.JOINED_FLAGS)
     fds = namespaces.open_own(ns.name for ns in namespaces.JOINED)
     try:
-        rootfs.build_test_root(entries, request["mounts"])
+        root = rootfs.build_test_root(entries, request["mounts"])
         network.bring_up_loopback()
+        addresses = []
+        if request["network"] != network.NONE:
+            addresses = networks.attach(request["network"], request["id"], request["host_number"],
+                                        request["netem"])
+            rootfs.place_file(root, "/etc/hosts", network.hosts_file(request["hostname"], addresses,
+                                                                      request["hosts"]))
+        if request["outbound"]:  # slirp4netns's DNS forwarder (the machine's may be a loopback address)
+            rootfs.place_file(root, "/etc/resolv.conf", "nameserver 10.0.2.3\n")
+        if request["watch_ports"]:  # a service: the host sees its listening sockets
+            fds["tcp"] = os.open("/proc/self/net/tcp", os.O_RDONLY | os.O_CLOEXEC)
+            fds["tcp6"] = os.open("/proc/self/net/tcp6", os.O_RDONLY | os.O_CLOEXEC)
         socket.sethostname(request["hostname"])
         # unshare(CLONE_NEWPID) applies to the caller's next children only: init is
         # the first, pid 1 of the namespace, born in the namespaces built above.
@@ -74,11 +97,43 @@ def _container(entries: list[dict], request: dict) -> list[int]:
         init = _spawn_init()
         fds["pid"] = os.open("/proc/self/ns/pid_for_children", os.O_RDONLY | os.O_CLOEXEC)
         fds["init"] = os.pidfd_open(init)
+        if request["allow"]:
+            _hand_to_relay(request["allow"], fds["init"], relay_channel, networks.library_path)
+        if request["outbound"]:
+            _connect_outside(fds["net"], fds["init"], relay_channel)
     except BaseException:
         for fd in fds.values():
             os.close(fd)
         raise
-    return [fds[name] for name in namespaces.FILES] + [fds["init"]]
+    watched = [fds[name] for name in ("tcp", "tcp6") if name in fds]
+    return [fds[name] for name in namespaces.FILES] + [fds["init"]] + watched, addresses
+
+
+def _hand_to_relay(targets: list, init_pidfd: int, relay_channel: link.Channel | None,
+                   library_path: str | None) -> None:
+    """Listen on each allowed HOST:PORT inside the container (we still sit in its
+    network namespace); the relay serves them until init ends (relay.py)."""
+    if relay_channel is None:
+        raise OSError("allow= needs the relay, which this container host was started without")
+    listeners = relay.listen_inside(targets, library_path)
+    try:
+        relay_channel.send("relay", listeners + [init_pidfd], targets=targets)
+    finally:
+        for fd in listeners:
+            os.close(fd)
+
+
+def _connect_outside(net_fd: int, init_pidfd: int, relay_channel: link.Channel | None) -> None:
+    """outbound=True: the relay runs slirp4netns on the container's network
+    namespace; the container is ready once slirp4netns has configured tap0."""
+    if relay_channel is None:
+        raise OSError("outbound=True needs the relay, which this container host was started without")
+    relay_channel.send("outbound", [net_fd, init_pidfd])
+    received = relay_channel.receive("outbound_ready")
+    if received is None:
+        raise OSError("the relay is gone")
+    if received[1]["error"]:
+        raise OSError(received[1]["error"])
 
 
 def _go_home(home: dict[str, int]) -> None:

@@ -24,7 +24,7 @@ import signal
 import socket
 import sys
 
-from . import factory, link, namespaces, network, process, stage, subids, syscalls, user_ns
+from . import factory, link, namespaces, network, process, relay, stage, subids, syscalls, user_ns
 
 LAUNCHED_ENV = "PYTEST_ISOLATE_LAUNCHED"
 
@@ -43,9 +43,24 @@ def launcher_command(python: str, host_python: str | None = None, **spec) -> str
     spec.setdefault("env", None)
     if os.geteuid() != 0:
         subids.rootless_mapping()  # tried once here, not in every launcher (see subids)
+    spec.setdefault("allow", [])
+    spec.setdefault("networks", [])
+    spec.setdefault("outbound", None)
+    spec["library_path"] = _pyroute2_parent()
     spec["python_path"] = [PACKAGE_PARENT] + spec.get("python_path", []) if spec["env"] is not None else []
     parts = [python, "-S", "-c", bootstrap, "--spec", link.to_text("spec", **spec), "--exec", host_python or python]
     return " ".join(shlex.quote(p) for p in parts)
+
+
+def _pyroute2_parent() -> str | None:
+    """Where pyroute2 lies (found, not imported): the factory imports it from there
+    for private networks (the launcher runs without site-packages, -S)."""
+    import importlib.util
+
+    found = importlib.util.find_spec("pyroute2")
+    if found is None or not found.submodule_search_locations:
+        return None
+    return os.path.dirname(os.path.realpath(list(found.submodule_search_locations)[0]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,8 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     spec = link.from_text(argv[argv.index("--spec") + 1], "spec")
     command = argv[argv.index("--exec") + 1:]
     launched = {"error": None, "notes": [], "factory_fd": None, "mounts_unlocked": None}
+    relay_channel = None
     try:
-        enter_host(spec, launched)
+        relay_channel = enter_host(spec, launched)
     except Exception as exc:  # reported by the host, see the module doc
         launched["error"] = process.describe_error(exc)
     launcher = os.getpid()
@@ -72,9 +88,9 @@ def main(argv: list[str] | None = None) -> None:
         if factory_end is not None:
             # The factory is the host's child: when the host (pid 1) ends, the kernel
             # kills and reaps it at once, instead of waiting for another reaper.
-            _fork_factory(host_end, factory_end, spec["entries"])
+            _fork_factory(host_end, factory_end, spec, relay_channel)
         os.execv(command[0], command)
-    for end in (host_end, factory_end):
+    for end in (host_end, factory_end, relay_channel):
         if end is not None:
             end.close()
     # ^C reaches the whole process group: the host handles it; the launcher only
@@ -92,9 +108,10 @@ def main(argv: list[str] | None = None) -> None:
              else 128 + os.WTERMSIG(host_status))
 
 
-def enter_host(spec: dict, launched: dict) -> None:
+def enter_host(spec: dict, launched: dict) -> link.Channel | None:
     """Build the container host's namespaces and stage around the calling,
-    single-threaded launcher (``spec``: a "spec" message). Adds to ``launched``."""
+    single-threaded launcher (``spec``: a "spec" message). Adds to ``launched``;
+    returns the channel to the allow-list relay, if the run has one."""
     controller = os.getppid()
     process.die_with_parent(controller)
     if os.geteuid() == 0:
@@ -103,6 +120,7 @@ def enter_host(spec: dict, launched: dict) -> None:
         # idmap the project's binds. Container root is an unprivileged host uid after.
         owner = (user_ns.host_uid_of_container_root(), user_ns.host_gid_of_container_root())
         userns_fd = user_ns.create_for_root()
+        relay_channel = _fork_relay(spec, userns_fd)
         syscalls.unshare(syscalls.CLONE_NEWNS)
         launched["notes"] += stage.build_stage(spec["entries"], spec["sources"], owner, userns_fd)
         user_ns.join(userns_fd)
@@ -110,6 +128,7 @@ def enter_host(spec: dict, launched: dict) -> None:
         # Rootless, the user namespace is what grants the right to mount: first.
         user_ns.enter_rootless()
         os.environ.pop(subids.TRIED_ENV, None)  # the controller's note to launchers, not the tests'
+        relay_channel = _fork_relay(spec, None)
         syscalls.unshare(syscalls.CLONE_NEWNS)
         launched["notes"] += stage.build_stage(spec["entries"], spec["sources"], (0, 0))
         _lock_stage_mounts(launched)
@@ -137,6 +156,7 @@ def enter_host(spec: dict, launched: dict) -> None:
         os.chdir(spec["cwd"])
     except OSError:
         os.chdir("/")
+    return relay_channel
 
 
 def _lock_stage_mounts(launched: dict) -> None:
@@ -156,7 +176,35 @@ def _lock_stage_mounts(launched: dict) -> None:
                                  f"{exc.strerror}): tests with cap_add=SYS_ADMIN are refused")
 
 
-def _fork_factory(host_end: link.Channel, factory_end: link.Channel, entries: list[dict]) -> None:
+def _fork_relay(spec: dict, userns_fd: int | None) -> link.Channel | None:
+    """The relay (relay.py) of allow= and outbound=, if the run has any: in the
+    machine's network and mount namespaces (it connects out, and runs slirp4netns
+    from this machine, whatever the image), in the containers' user namespace (as
+    root: joined first, so it is no real root). The factory's end of its channel."""
+    if not spec["allow"] and not spec["outbound"]:
+        return None
+    launcher = os.getpid()
+    factory_end, relay_end = link.Channel.pair()
+    if os.fork() == 0:
+        try:
+            relay.preload()
+            if userns_fd is not None:
+                user_ns.join(userns_fd)
+            process.die_with_parent(launcher)
+            factory_end.close()
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):  # execnet's pipes belong to the host alone
+                os.dup2(null, fd)
+            process.close_fds_except({0, 1, 2, relay_end.fileno()})
+            relay.serve(relay_end, {(host, port, proto) for host, port, proto in spec["allow"]}, spec["outbound"])
+        finally:
+            os._exit(0)
+    relay_end.close()
+    return factory_end
+
+
+def _fork_factory(host_end: link.Channel, factory_end: link.Channel, spec: dict,
+                  relay_channel: link.Channel | None = None) -> None:
     """The init factory (see factory.py): forked now, while this process is small."""
     host = os.getpid()
     if os.fork() == 0:
@@ -167,7 +215,7 @@ def _fork_factory(host_end: link.Channel, factory_end: link.Channel, entries: li
             os.dup2(null, 0)  # execnet's pipes belong to the host alone
             os.dup2(null, 1)
             os.close(null)
-            factory.serve(factory_end, entries)
+            factory.serve(factory_end, spec["entries"], spec["library_path"], relay_channel, spec["networks"])
         finally:
             os._exit(0)
     factory_end.close()

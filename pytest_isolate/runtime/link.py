@@ -53,11 +53,18 @@ _OPT_NUM = (int, float, type(None))
 MESSAGES: dict[str, dict[str, object]] = {
     # launcher: argv in (the spec), environment out (what the host must know)
     "spec": {"entries": list, "sources": list, "cwd": str, "hostname": str,
-             "env": (dict, type(None)), "python_path": list},  # env: an image's own, replacing ours
+             "env": (dict, type(None)), "python_path": list,
+             "library_path": _OPT_STR, "allow": list, "networks": list,
+             "outbound": _OPT_STR},  # slirp4netns's path, if a test asks for outbound=True  # env: an image's own, replacing ours
     "launched": {"error": _OPT_STR, "notes": list, "factory_fd": (int, type(None)), "mounts_unlocked": _OPT_STR},
     # host <-> factory (namespace fds and init's pidfd come with "built")
-    "build": {"id": int, "mounts": list, "hostname": str},
-    "built": {"id": int},
+    "build": {"id": int, "mounts": list, "hostname": str, "network": str, "hosts": list,
+              "host_number": (int, type(None)), "watch_ports": bool,  # these two: services
+              "allow": list, "netem": list, "outbound": bool},
+    "relay": {"targets": list},  # factory -> relay: listening sockets and init's pidfd come along
+    "outbound": {},  # factory -> relay: the container's network namespace and init's pidfd come along
+    "outbound_ready": {"error": _OPT_STR},  # relay -> factory
+    "built": {"id": int, "addresses": list},
     "build_failed": {"id": int, "message": str, "step": str},
     # host <-> zygote (a test's files, its job pipe and namespaces come with "fork")
     "zygote_ready": {"pid": (int, type(None))},
@@ -67,7 +74,9 @@ MESSAGES: dict[str, dict[str, object]] = {
     "reap": {"pid": int},
     "reaped": {"pid": int, "status": int, "usage": dict},
     # host -> test (the job pipe), and the fresh interpreter's job (environment)
-    "job": {"nodeid": str, "fresh_arg": str, "deadline": _OPT_NUM, "capture_cap": int},
+    "job": {"nodeid": str, "fresh_arg": str, "deadline": _OPT_NUM, "capture_cap": int, "services": dict,
+            "container": dict},
+    "service_job": {"argv": list},  # a service's process (services_container.py)
     "fresh_job": {"job": dict, "files": dict, "start": dict},
     # test -> host -> controller: a test's events (checked deeply by boundary.py)
     "report": {"data": _ANY},
@@ -80,9 +89,11 @@ MESSAGES: dict[str, dict[str, object]] = {
     "hypothesis_write": {"op": _ANY, "path": _ANY, "key": _ANY, "value": _ANY, "dest": _ANY},
     # controller -> host
     "start": {"entries": list, "args": list, "option_dict": dict, "workerinput": dict, "sys_path": list,
-              "argv": list, "collect": bool, "shared": list, "own_stdlib": bool},
+              "argv": list, "collect": bool, "shared": list, "own_stdlib": bool,
+              "own_packages": bool},
     "run": {"nodeid": str, "mode": str, "timeout": _OPT_NUM, "fresh_arg": str, "seccomp_programs": list,
-            "in_zygote": bool, "events_cap": int, "capture_cap": int, "container_config": dict},
+            "in_zygote": bool, "events_cap": int, "capture_cap": int, "container_config": dict,
+            "services": list},
     "zygote": {},
     "shutdown": {},
     # host -> controller (checked deeply by the controller: a host runs test code)
@@ -215,7 +226,7 @@ def send(fd: int, name: str, fields: dict | None = None) -> None:
         view = view[written:]
 
 
-def read_one(fd: int, expected: str) -> dict | None:
+def read_one(fd: int, expected: str | tuple[str, ...]) -> dict | None:
     """The single frame a trusted writer sent on ``fd``, read to end-of-file (None if
     it sent nothing at all); the fd is closed."""
     chunks = []
@@ -227,7 +238,7 @@ def read_one(fd: int, expected: str) -> dict | None:
     if not chunks:
         return None
     data = b"".join(chunks)
-    return check(_parse(data[HEADER_SIZE:]), (expected,))[1]
+    return check(_parse(data[HEADER_SIZE:]), (expected,) if isinstance(expected, str) else expected)[1]
 
 
 class Reader:

@@ -81,6 +81,8 @@ class Container:
     def __init__(self, fds: list[int]) -> None:
         self.fds = dict(zip(FILES, fds))
         self.init_pidfd = fds[len(FILES)] if len(fds) > len(FILES) else -1
+        self.addresses: list[str] = []  # on a private network
+        self.watched: list[int] = []  # a service's /proc/net/tcp and tcp6 (services_host.py)
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -100,3 +102,6 @@ class Container:
                 pass
             os.close(self.init_pidfd)
             self.init_pidfd = -1
+        for fd in self.watched:
+            os.close(fd)
+        self.watched = []

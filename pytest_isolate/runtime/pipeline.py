@@ -23,7 +23,7 @@ import os
 from . import link, namespaces, zygote as zygote_module
 
 # What the factory needs to build a container (the rest is for the test process).
-BUILD_KEYS = ("mounts", "hostname")
+BUILD_KEYS = ("mounts", "hostname", "network", "hosts", "allow", "netem", "outbound")
 
 
 class InitError(Exception):
@@ -40,10 +40,11 @@ class InitFactory:
         self._next_id = 0
         self._arrived: dict[int, tuple[str, dict, list[int]]] = {}
 
-    def request(self, build: dict) -> int:
-        """Ask for a container built after ``build`` (BUILD_KEYS); returns the request's id."""
+    def request(self, build: dict, host_number: int | None = None, watch_ports: bool = False) -> int:
+        """Ask for a container built after ``build`` (BUILD_KEYS; a service's also has a
+        fixed host number and its listening sockets watched); returns the request's id."""
         self._next_id += 1
-        self.channel.send("build", id=self._next_id, **build)
+        self.channel.send("build", id=self._next_id, host_number=host_number, watch_ports=watch_ports, **build)
         return self._next_id
 
     def wait(self, request_id: int) -> namespaces.Container:
@@ -58,7 +59,10 @@ class InitFactory:
             self._arrived[received[1]["id"]] = received
         name, fields, fds = self._arrived.pop(request_id)
         if name == "built":
-            return namespaces.Container(fds)
+            size = len(namespaces.FILES) + 1
+            container = namespaces.Container(fds[:size])
+            container.addresses, container.watched = fields["addresses"], fds[size:]
+            return container
         for fd in fds:
             os.close(fd)
         raise InitError(fields["message"], fields["step"])
@@ -127,6 +131,16 @@ class Prepared:
             link.send(self._go_w, *link.message("job", **job))
         except BrokenPipeError:
             pass  # it died while it waited: its events and exit say why
+        finally:
+            os.close(self._go_w)
+            self._go_w = -1
+
+    def go_service(self, argv: list[str]) -> None:
+        """Start a service's command (services_container.exec_service)."""
+        try:
+            link.send(self._go_w, *link.message("service_job", argv=argv))
+        except BrokenPipeError:
+            pass
         finally:
             os.close(self._go_w)
             self._go_w = -1

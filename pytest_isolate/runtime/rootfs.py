@@ -320,6 +320,20 @@ def build_test_root(entries: list[dict], mounts: list[dict]) -> str:
     return root
 
 
+def place_file(root: str, path: str, content: str) -> None:
+    """A file of the runtime's (e.g. /etc/hosts) over ``path`` in the test root:
+    written into the scratch tmpfs and bound there, since the image's /etc may be
+    read-only. A symlink of the image leads inside its root, as for mounts."""
+    source = _join(SCRATCH, "files/" + path.strip("/").replace("/", "-"))
+    _makedirs(os.path.dirname(source))
+    with open(os.open(source, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o644), "w") as file:
+        file.write(content)
+    target = _join(root, paths.resolve_in_root(root, path))
+    _mountpoint(target, False)
+    syscalls.mount(source, target, None, MS_BIND)
+    syscalls.mount(None, target, None, MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+
 def mount_proc(root: str) -> None:
     """Mount a /proc for the caller's pid namespace."""
     syscalls.mount("proc", _join(root, "/proc"), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)

@@ -82,17 +82,39 @@ def _test(namespace_fds: dict, config: dict, payload, go_fd: int, event_fd: int,
     os.environ.update(config.get("env") or {})
     process.close_fds_except({0, 1, 2, event_fd, go_fd} | keep_fds)
     syscalls.join_new_session_keyring()
+    if config.get("user") is not None:  # a service's user= (before the capabilities go)
+        capabilities.become(*_user_ids(config["user"]))
     capabilities.drop_all(keep=frozenset(config.get("cap_add", ())))
     capabilities.set_no_new_privs()
     if config.get("landlock") is not None:
         landlock.restrict_writes(config["landlock"])
     for program in config.get("seccomp_programs", ()):
         seccomp.load(link.from_binary(program))
-    job = link.read_one(go_fd, "job")
+    job = link.read_one(go_fd, ("job", "service_job"))  # a service's job has "argv"
     if job is None:
         os._exit(0)
     set_rlimits(config.get("rlimits", ()))
     payload(job)
+
+
+def _user_ids(user: str) -> tuple[int, int]:
+    """NAME, UID or UID:GID, names looked up in the container's own /etc/passwd."""
+    import pwd
+
+    name, _, group = user.partition(":")
+    if name.isdigit():
+        uid = int(name)
+        try:
+            gid = pwd.getpwuid(uid).pw_gid
+        except KeyError:
+            gid = uid
+    else:
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            raise OSError(f"user={user!r}: there is no user {name!r} in the image's /etc/passwd") from None
+        uid, gid = entry.pw_uid, entry.pw_gid
+    return uid, int(group) if group.isdigit() else gid
 
 
 def enter_root(config: dict) -> None:
