@@ -62,9 +62,23 @@ class Namespace:
         if not data or len(data) > _MAX_ANSWER:
             raise OSError(5, f"the subordinate-range helper process died (status {status:#x})")
         ok, value = pickle.loads(data)  # our own child's: trusted as this process is
+        if ok == "unpicklable":
+            raise _rebuilt(function, *value)
         if not ok:
             raise value
         return value
+
+
+def _rebuilt(function: Callable[..., Any], name: str, message: str) -> BaseException:
+    """The child's exception that pickle could not name: its class is looked up in
+    ``function``'s own module (a class pickle cannot find by its module's name, as when
+    that module was imported again since, is still the one its code raises)."""
+    kind = getattr(function, "__globals__", {}).get(name)
+    if isinstance(kind, type) and issubclass(kind, Exception):
+        with_message = kind.__new__(kind)
+        Exception.__init__(with_message, message)
+        return with_message
+    return OSError(5, message)
 
 
 def _pump(stream: BinaryIO, fd: int) -> None:
@@ -99,8 +113,8 @@ def _child(parent, answer_r, answer_w, feed_r, feed_w, function, args) -> None:
         result = (False, exc)
     try:
         data = pickle.dumps(result)
-    except Exception:  # an unpicklable exception: its words
-        data = pickle.dumps((False, OSError(5, str(result[1])[:2000])))
+    except Exception:  # an unpicklable exception: its class's name and its words
+        data = pickle.dumps(("unpicklable", (type(result[1]).__name__, str(result[1])[:2000])))
     try:
         os.write(answer_w, data)  # a pipe write is whole up to its buffer; answers are small
     finally:
