@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from . import __version__
-from .runtime import mountinfo, process, seccomp, seccomp_default, syscalls, user_ns
+from .runtime import mountinfo, process, seccomp, seccomp_default, subids, syscalls, user_ns
 
 OK, WARN, MISSING = "ok", "warn", "missing"
 TAGS = {OK: "[ ok ]", WARN: "[warn]", MISSING: "[miss]"}
@@ -120,7 +120,11 @@ def check_user_namespaces() -> Result:
         details["root_mapping"] = {"uid": uid0, "gid": gid0, "count": count, "from": origin}
         who = f"as root, container root is host uid {uid0}+{count} ({origin})"
     else:
-        who = f"rootless, container root is your uid {os.geteuid()}"
+        mapping = subids.rootless_mapping()
+        details["subordinate"] = {"uids": mapping.uids, "gids": mapping.gids, "why_not": mapping.why_not}
+        who = f"rootless, container root is your uid {os.geteuid()}" + (
+            f", container ids 1..{mapping.uids[1]} your subordinate range {mapping.uids[0]}+{mapping.uids[1]}"
+            if mapping.ranged else f", nothing else is mapped ({mapping.why_not})")
     # The runtime's own entry: a self map rootless, a helper-written uid range as root.
     failure = _in_child(user_ns.enter)
     if failure is None and not blocked:
@@ -146,7 +150,7 @@ def check_user_namespaces() -> Result:
 # -- 2. overlayfs inside a user namespace ---------------------------------------------
 
 def _probe_overlay() -> None:
-    user_ns.enter_rootless()  # a throwaway child: the rootless-style map is fine even as root
+    user_ns.enter_self_mapped()  # a throwaway child: the one-line map is fine even as root
     syscalls.unshare(syscalls.CLONE_NEWNS)
     syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
     syscalls.mount("tmpfs", "/tmp", "tmpfs", 0, "mode=755")  # private to this namespace

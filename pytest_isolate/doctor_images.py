@@ -3,7 +3,9 @@
 What an image needs beyond the host image: overlayfs whiteouts (0/0 character
 devices, made without privileges since Linux 5.8) and opaque directories
 (``user.overlay.opaque``, read with ``userxattr``) honoured in a user namespace, a
-writable image store, and something that reads zstd layers.
+writable image store, and something that reads zstd layers. Rootless, it also says
+whether image owners are kept (a subordinate range through newuidmap, subids.py)
+or every file belongs to container root, and why.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ import os
 import shutil
 import stat
 
-from .runtime import syscalls, user_ns
+from .runtime import subids, syscalls, user_ns
 
 
 def probe_layers() -> None:
     """In a throwaway child: two lower layers, the top one with a whiteout and an
     opaque directory, must read as one image."""
-    user_ns.enter_rootless()
+    user_ns.enter_self_mapped()
     syscalls.unshare(syscalls.CLONE_NEWNS)
     syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
     syscalls.mount("tmpfs", "/tmp", "tmpfs", 0, "mode=755")
@@ -71,8 +73,14 @@ def check_images(in_child, result, ok: str, warn: str, missing: str):
                       f"{exc.strerror}", "images cannot be pulled or run",
                       "set PYTEST_ISOLATE_CACHE to a writable directory", {"store": root})
     zstd = zstd_reader()
-    owner = "files mapped into the containers' range" if os.geteuid() == 0 else "files owned by you"
     details = {"store": root, "images": len(images), "zstd": zstd}
+    if os.geteuid() == 0:
+        owner = "files mapped into the containers' range"
+    else:  # rootless: the subordinate range decides whether image owners survive
+        mapping = subids.rootless_mapping()
+        owner = mapping.describe()
+        details["ownership"] = {"kept": mapping.ranged, "uids": mapping.uids, "gids": mapping.gids,
+                                "why_not": mapping.why_not}
     if zstd is None:
         return result("images", warn, f"layer whiteouts and opaque directories work; {where}; no zstd reader",
                       "images with zstd layers cannot be unpacked (gzip and plain ones can)",

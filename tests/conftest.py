@@ -101,10 +101,13 @@ def wait_for(probe, timeout: float):
 # -- users that tests make -------------------------------------------------------------------
 
 @contextlib.contextmanager
-def system_user(name: str) -> Iterator[pwd.struct_passwd]:
+def system_user(name: str, subordinate: bool = True) -> Iterator[pwd.struct_passwd]:
     """The unprivileged user ``name`` (a system user: no home, no login shell) while the
-    block runs. Made with useradd when missing, and then removed with ``userdel -r``
-    when the block ends, failed or not, with its processes and the inner pytest's
+    block runs. Made with useradd when missing -- with a free 65536-id range in
+    /etc/subuid and /etc/subgid unless ``subordinate`` is false (useradd gives system
+    users none), so that its rootless containers keep image owners (runtime/subids.py)
+    -- and then removed with ``userdel -r`` (which removes its ranges too) when the
+    block ends, failed or not, with its processes and the inner pytest's
     /tmp/pytest-of-NAME. A user that was there already (CI's ci/guest/lane.sh makes
     pytest-isolate-ci; an older run or another run at the same time may have made it)
     is used as it is and left in place: only what this block made is removed."""
@@ -126,6 +129,12 @@ def system_user(name: str) -> Iterator[pwd.struct_passwd]:
         return
     user = pwd.getpwnam(name)
     try:
+        if subordinate:
+            start = free_subordinate_start()
+            ranges = f"{start}-{start + 65535}"
+            added = subprocess.run(["usermod", "--add-subuids", ranges, "--add-subgids", ranges, name],
+                                   capture_output=True, text=True)
+            assert added.returncode == 0, f"usermod --add-subuids {ranges} {name}: {added.stderr}"
         yield user
     finally:
         def left() -> list[int]:  # processes of the new user: the test's own, still running
@@ -144,6 +153,20 @@ def system_user(name: str) -> Iterator[pwd.struct_passwd]:
         if os.path.isdir(tmp) and os.stat(tmp).st_uid == user.pw_uid:
             shutil.rmtree(tmp, ignore_errors=True)
         assert removed.returncode == 0, f"userdel -r {name}: {removed.stderr}"
+
+
+def free_subordinate_start() -> int:
+    """The start of 65536 ids after every range in /etc/subuid and /etc/subgid (below
+    the range root's containers use without one, user_ns.DEFAULT_ROOT_RANGE)."""
+    end = 100_000
+    for path in ("/etc/subuid", "/etc/subgid"):
+        with contextlib.suppress(OSError), open(path) as f:
+            for line in f:
+                parts = line.strip().split(":")
+                if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+                    end = max(end, int(parts[1]) + int(parts[2]))
+    assert end + 65536 <= 1_000_000_000, "no free subordinate range below 1000000000"
+    return end
 
 
 def _owner(pid: str) -> int | None:

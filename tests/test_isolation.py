@@ -203,18 +203,21 @@ def test_as_root_container_root_is_an_unprivileged_host_uid(pytester, run) -> No
 
 @pytest.mark.skipif(IS_ROOT, reason="the rootless mapping")
 def test_rootless_container_root_is_the_user(pytester, run) -> None:
+    from pytest_isolate.runtime import subids
+
+    mapping = subids.rootless_mapping()
+    # A second namespace, inside the one mapping the user, maps every id onto itself:
+    # "0 0 1", and with a subordinate range (subids.py) "1 1 N" for ids 1..N.
+    expected = ["0", "0", "1"] + (["1", "1", str(mapping.uids[1])] if mapping.ranged else [])
     pytester.makepyfile(
         f"""
-        import pytest
-
         import os, pytest
 
         @pytest.mark.isolated
         def test_mapping():
-            # The user's own files are container root's; nothing else is mapped. (The
-            # map reads "0 0 1": it is a second namespace, inside the one mapping the user.)
+            # The user's own files are container root's; host root's are unmapped.
             assert os.stat(__file__).st_uid == 0 and os.getuid() == 0
-            assert open("/proc/self/uid_map").read().split() == ["0", "0", "1"]
+            assert open("/proc/self/uid_map").read().split() == {expected!r}
             assert os.stat("/").st_uid in (0, 65534) and os.stat("/usr").st_uid == 65534
         """
     )

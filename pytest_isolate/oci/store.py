@@ -2,7 +2,9 @@
 
     $PYTEST_ISOLATE_CACHE, else $XDG_CACHE_HOME/pytest-isolate, else ~/.cache/pytest-isolate
       blobs/sha256/<hex>        manifests and configs, verified, read-only
-      layers/sha256/<hex>/      each layer unpacked (by diff_id), shared by every image with it
+      layers/<owner>/sha256/<hex>/  each layer unpacked (by diff_id), shared by every image with it;
+                                <owner>: root-<uid> (as root), sub-<start>-<count> (rootless with a
+                                subordinate range), user (rootless, every file the user's)
       images/<key>.json         what a reference resolved to: its manifest, config, layers
       tmp/                      what is being written; renamed into place once verified
       locks/                    flock()s: xdist workers and concurrent runs share the store
@@ -17,21 +19,19 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import gzip
 import hashlib
 import json
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 from typing import BinaryIO, Iterator
 
-from . import unpack
+from . import in_namespace, unpack
+from .compression import decompressed
 
 DIGEST = re.compile(r"^(sha256):([0-9a-f]{64})$")
 MAX_MANIFEST = 4 << 20  # as containers/image: manifests and configs are small
-_GZIP, _ZSTD = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
 
 
 class StoreError(Exception):
@@ -81,71 +81,18 @@ class Verified:
                              f"(got sha256:{self.hash.hexdigest()})")
 
 
-def decompressed(stream: BinaryIO) -> Iterator[BinaryIO]:
-    """The uncompressed tar of a layer blob, by its magic bytes (media types lie)."""
-    head = stream.read(4)
-    rest = _Prefixed(head, stream)
-    if head[:2] == _GZIP:
-        return contextlib.closing(gzip.GzipFile(fileobj=rest, mode="rb"))
-    if head == _ZSTD:
-        return _zstd(rest)
-    return contextlib.nullcontext(rest)
-
-
-class _Prefixed:
-    def __init__(self, head: bytes, stream: BinaryIO) -> None:
-        self.head, self.stream = head, stream
-
-    def read(self, n: int = -1) -> bytes:
-        if self.head:
-            data, self.head = (self.head, b"") if n < 0 or n >= len(self.head) else (self.head[:n], self.head[n:])
-            return data
-        return self.stream.read(n)
-
-
-@contextlib.contextmanager
-def _zstd(stream) -> Iterator[BinaryIO]:
-    try:
-        from compression import zstd  # Python 3.14
-        with zstd.ZstdFile(stream) as f:
-            yield f
-        return
-    except ImportError:
-        pass
-    try:
-        import zstandard
-        yield zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)
-        return
-    except ImportError:
-        pass
-    if not shutil.which("zstd"):
-        raise StoreError("a zstd layer needs Python 3.14, the zstandard package or the zstd program "
-                         "(Debian: apt install zstd)")
-    # The zstd program, fed from a thread-free pipe pair: its stdin from a temp file.
-    with tempfile.TemporaryFile() as spool:
-        while True:
-            chunk = stream.read(1 << 20)
-            if not chunk:
-                break
-            spool.write(chunk)
-        spool.seek(0)
-        process = subprocess.Popen(["zstd", "-dc"], stdin=spool, stdout=subprocess.PIPE)
-        try:
-            yield process.stdout
-        finally:
-            process.stdout.close()
-            if process.wait() != 0:
-                raise StoreError("zstd could not decompress the layer")
-
-
 class Store:
     """``owner`` maps an image's (uid, gid) to the owner a layer's files get (None:
     the unpacker's own); layers unpacked for different owners live apart
-    (``layers/<owner_key>/``), so root's and a user's runs may share a store."""
+    (``layers/<owner_key>/``), so root's and a user's runs may share a store. With
+    ``namespace`` (rootless, a subordinate range) layers are unpacked and removed in
+    a child inside it: their files belong to ids the user itself cannot manage."""
 
-    def __init__(self, root: str | None = None, owner: unpack.Owner | None = None, owner_key: str = "user") -> None:
+    def __init__(self, root: str | None = None, owner: unpack.Owner | None = None, owner_key: str = "user",
+                 namespace: in_namespace.Namespace | None = None) -> None:
         self.root = os.path.abspath(root or default_root())
         self.owner = owner
+        self.namespace = namespace
         self.layers = os.path.join(self.root, "layers", owner_key, "sha256")
         for sub in ("blobs/sha256", "images", "tmp", "locks"):
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
@@ -172,8 +119,20 @@ class Store:
         try:
             yield path
         finally:
-            remove_tree(path)
+            self._remove(path)
             os.close(fd)
+
+    def _remove(self, path: str, image_owned: bool = False) -> int:
+        """remove_tree, inside the namespace for what may hold the range's files (a
+        layer, or what a failed unpack left); the bytes freed."""
+        if self.namespace is not None and image_owned:
+            return self.namespace.call(measure_and_remove, path)
+        try:
+            return measure_and_remove(path)
+        except PermissionError:
+            if self.namespace is None:
+                raise
+            return self.namespace.call(measure_and_remove, path)
 
     # -- blobs ------------------------------------------------------------------------------
 
@@ -220,18 +179,11 @@ class Store:
             if os.path.isdir(target):
                 return target
             with self.temporary("layer") as tmp:
-                root = os.path.join(tmp, "root")
-                os.mkdir(root, 0o755)
-                try:
-                    with decompressed(stream) as tar:
-                        got, _ = unpack.unpack_layer(tar, root, self.owner, max_bytes)
-                except unpack.LayerError as exc:
-                    raise StoreError(f"{what}: refused: {exc}") from None
-                except (OSError, EOFError, ValueError) as exc:  # gzip/zstd: corrupt data
-                    raise StoreError(f"{what}: cannot be read: {exc}") from None
-                if got != diff_id:
-                    raise StoreError(f"{what} unpacks to {got}, not to its diff_id {diff_id}")
-                os.rename(root, target)
+                args = (os.path.join(tmp, "root"), target, diff_id, what, self.owner, max_bytes)
+                if self.namespace is None:
+                    _unpack_into(stream, *args)
+                else:
+                    self.namespace.call_fed(stream, _unpack_into, *args)
         return target
 
     # -- images -----------------------------------------------------------------------------
@@ -292,8 +244,10 @@ class Store:
                     continue
                 path = os.path.join(folder, name)
                 with self.lock(lock + name):
-                    freed += tree_size(path)
-                    remove_tree(path)
+                    try:
+                        freed += self._remove(path, image_owned=lock.startswith("layer-"))
+                    except PermissionError:  # another owner's layers (root's, or another range's)
+                        continue
                     removed += 1
         tmp = os.path.join(self.root, "tmp")
         for name in os.listdir(tmp):
@@ -307,10 +261,11 @@ class Store:
             except BlockingIOError:  # a live pull's
                 os.close(fd)
                 continue
-            freed += tree_size(path)
-            remove_tree(path)
-            removed += 1
-            os.close(fd)
+            try:
+                freed += self._remove(path)
+                removed += 1
+            finally:
+                os.close(fd)
         return removed, freed
 
     def layer_sizes(self) -> dict[str, int]:
@@ -328,6 +283,28 @@ def tree_size(path: str) -> int:
             except OSError:
                 pass
     return total
+
+
+def _unpack_into(stream: BinaryIO, root: str, target: str, diff_id: str, what: str,
+                 owner: unpack.Owner | None, max_bytes: int) -> None:
+    """Unpack a layer stream into ``root``, check its diff_id, rename it to ``target``."""
+    os.mkdir(root, 0o755)
+    try:
+        with decompressed(stream) as tar:
+            got, _ = unpack.unpack_layer(tar, root, owner, max_bytes)
+    except unpack.LayerError as exc:
+        raise StoreError(f"{what}: refused: {exc}") from None
+    except (OSError, EOFError, ValueError) as exc:  # gzip/zstd: corrupt data
+        raise StoreError(f"{what}: cannot be read: {exc}") from None
+    if got != diff_id:
+        raise StoreError(f"{what} unpacks to {got}, not to its diff_id {diff_id}")
+    os.rename(root, target)
+
+
+def measure_and_remove(path: str) -> int:
+    size = tree_size(path)
+    remove_tree(path)
+    return size
 
 
 def remove_tree(path: str) -> None:
@@ -356,14 +333,18 @@ def remove_tree(path: str) -> None:
         os.unlink(path)
 
 
-
 def for_this_user(root: str | None = None) -> Store:
     """The store as this user's runs use it. As root, an image's uids and gids land in
-    the containers' unprivileged range (user_ns.root_mapping); rootless, every file
-    is the user's, which is container root's."""
+    the containers' unprivileged range (user_ns.root_mapping). Rootless with a
+    subordinate range (subids.rootless_mapping) they are kept as the containers see
+    them; without one every file is the user's, which is container root's."""
+    from ..runtime import subids, user_ns
+
     if os.geteuid() != 0:
-        return Store(root)
-    from ..runtime import user_ns
+        mapping = subids.rootless_mapping()
+        if not mapping.ranged:
+            return Store(root)
+        return Store(root, mapping.image_owner(), mapping.owner_key, in_namespace.Namespace(mapping))
 
     (uid_base, uid_count), (gid_base, gid_count) = user_ns.root_mapping()
 

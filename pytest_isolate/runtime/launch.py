@@ -24,7 +24,7 @@ import signal
 import socket
 import sys
 
-from . import factory, link, namespaces, network, process, relay, stage, syscalls, user_ns
+from . import factory, link, namespaces, network, process, relay, stage, subids, syscalls, user_ns
 
 LAUNCHED_ENV = "PYTEST_ISOLATE_LAUNCHED"
 
@@ -41,6 +41,8 @@ def launcher_command(python: str, host_python: str | None = None, **spec) -> str
         "from pytest_isolate.runtime.launch import main; main()"
     )
     spec.setdefault("env", None)
+    if os.geteuid() != 0:
+        subids.rootless_mapping()  # tried once here, not in every launcher (see subids)
     spec.setdefault("allow", [])
     spec.setdefault("networks", [])
     spec.setdefault("outbound", None)
@@ -125,6 +127,7 @@ def enter_host(spec: dict, launched: dict) -> link.Channel | None:
     else:
         # Rootless, the user namespace is what grants the right to mount: first.
         user_ns.enter_rootless()
+        os.environ.pop(subids.TRIED_ENV, None)  # the controller's note to launchers, not the tests'
         relay_channel = _fork_relay(spec, None)
         syscalls.unshare(syscalls.CLONE_NEWNS)
         launched["notes"] += stage.build_stage(spec["entries"], spec["sources"], (0, 0))
@@ -162,10 +165,10 @@ def _lock_stage_mounts(launched: dict) -> None:
     than its source's gets every inherited mount locked (MNT_LOCK_*): container root,
     even with cap_add=SYS_ADMIN, cannot make the read-only image writable or unmount
     what hides the stage. (As root the stage's mount namespace belongs to the initial
-    user namespace: they are locked already.) Its one-line map makes its root the
-    first namespace's root, which is the user: nothing else changes."""
+    user namespace: they are locked already.) It maps every id of the first one onto
+    itself (``0 0 1``, or ``0 0 N+1`` with a subordinate range): nothing else changes."""
     try:
-        user_ns.enter_rootless()
+        user_ns.enter_nested_rootless()
         syscalls.unshare(syscalls.CLONE_NEWNS)
     except OSError as exc:
         launched["mounts_unlocked"] = process.describe_error(exc)

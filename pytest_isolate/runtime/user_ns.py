@@ -2,8 +2,10 @@
 
 Two cases, decided by who runs pytest:
 
-* rootless: the process maps container root onto its own uid and gid. A process may
-  write such a one-line map for itself, after denying setgroups(2).
+* rootless: container root is the user's own uid and gid. With a subordinate range
+  (/etc/subuid, /etc/subgid) and newuidmap, container ids 1..N are that range
+  (subids.py); otherwise the process writes the one-line map a process may write
+  for itself, after denying setgroups(2), and nothing else is mapped.
 * root: container root maps onto an unprivileged host range, so that a test cannot use
   root's host identity (e.g. to read /etc/shadow through a read-only bind). A helper
   child creates the namespace and the caller, still real root, writes its map (which
@@ -18,26 +20,12 @@ from __future__ import annotations
 
 import os
 
-from . import syscalls
+from . import subids, syscalls
+from .subids import subordinate_range
 
 # Where container uid/gid 0..65535 land on the host when pytest runs as root, unless
 # /etc/subuid and /etc/subgid give root a range of its own.
 DEFAULT_ROOT_RANGE = (1_000_000_000, 65536)
-
-
-def subordinate_range(path: str, user: str = "root") -> tuple[int, int] | None:
-    """First ``user:start:count`` (or ``0:start:count``) line of /etc/sub[ug]id."""
-    try:
-        with open(path) as f:
-            for line in f:
-                parts = line.strip().split(":")
-                if len(parts) == 3 and parts[0] in (user, "0"):
-                    start, count = int(parts[1]), int(parts[2])
-                    if count > 0:
-                        return start, count
-    except (OSError, ValueError):
-        pass
-    return None
 
 
 def root_mapping() -> tuple[tuple[int, int], tuple[int, int]]:
@@ -66,7 +54,28 @@ def _write(path: str, text: str) -> None:
 
 def enter_rootless() -> None:
     """Move the calling (single-threaded) process into a new user namespace whose
-    root is the caller's own uid and gid."""
+    root is the caller's own uid and gid, with its subordinate range where it has one
+    (subids.rootless_mapping)."""
+    mapping = subids.rootless_mapping()
+    if mapping.ranged:
+        subids.enter_ranged(mapping)
+    else:
+        enter_self_mapped()
+
+
+def enter_nested_rootless() -> None:
+    """From the root of ``enter_rootless``'s namespace: a child user namespace whose
+    ids are the same as the parent's (its own root is the parent's root)."""
+    mapping = subids.rootless_mapping()
+    if mapping.ranged:
+        subids.enter_nested_ranged(mapping)
+    else:
+        enter_self_mapped()
+
+
+def enter_self_mapped() -> None:
+    """A new user namespace whose root is the caller's own uid and gid, and nothing else
+    is mapped: the map a process may write for itself."""
     uid, gid = os.geteuid(), os.getegid()
     syscalls.unshare(syscalls.CLONE_NEWUSER)
     _write("/proc/self/setgroups", "deny")
