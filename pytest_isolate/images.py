@@ -22,6 +22,7 @@ import sys
 from typing import Iterable
 
 from .runtime import paths
+from .runtime.syscalls import OVERLAY_MAX_LOWERS
 
 HOST_TOP_LEVEL = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
@@ -47,8 +48,8 @@ def python_paths() -> list[str]:
     return paths
 
 
-def _covering(paths: Iterable[str]) -> list[str]:
-    """Existing real paths, minus those already inside another one, sorted."""
+def _existing(paths: Iterable[str]) -> list[str]:
+    """Existing real absolute paths, sorted, each once."""
     real = set()
     for path in paths:
         if not path or not os.path.isabs(path):
@@ -56,8 +57,13 @@ def _covering(paths: Iterable[str]) -> list[str]:
         resolved = os.path.realpath(path)
         if os.path.exists(resolved):
             real.add(resolved)
+    return sorted(real)
+
+
+def _covering(paths: Iterable[str]) -> list[str]:
+    """Existing real paths, minus those already inside another one, sorted."""
     kept: list[str] = []
-    for path in sorted(real):
+    for path in _existing(paths):
         if any(path == k or path.startswith(k.rstrip("/") + "/") for k in kept):
             continue
         kept.append(path)
@@ -308,6 +314,9 @@ def layered_image(layers: list[str], image_env: list[str], project_paths: Iterab
     """An OCI image's or a root filesystem's entries: ``layers`` host directories,
     top first (``idmap``: their files belong to host users, not to the container's)."""
     pytest_version = None
+    if len(layers) >= OVERLAY_MAX_LOWERS:  # the test roots stack one more: the skeleton
+        raise ImageProblem(f"{what} has {len(layers)} layers; overlayfs stacks at most {OVERLAY_MAX_LOWERS - 1} "
+                           "under a container's own: squash some of them")
     if python == "auto":
         python, pytest_version = image_python(layers, what)
     else:
@@ -319,7 +328,8 @@ def layered_image(layers: list[str], image_env: list[str], project_paths: Iterab
     project = _covering(project_paths)
     # With the image's pytest, only this plugin and the project come from here: the
     # controller's packages are for another Python.
-    packages = _covering(([_plugin_only()] if pytest_version else _controller_packages()) + project)
+    imports = ([_plugin_only()] if pytest_version else _controller_packages()) + project
+    packages = _covering(imports)  # what is bound: a directory inside another comes with it
     entries = [{"type": "layers", "dst": "/", "layers": list(layers), "idmap": idmap}]
     for path in packages:
         if path in NOT_BINDABLE or any(path == p or path.startswith(p + "/") for p in ("/proc", "/sys", "/dev")):
@@ -327,7 +337,10 @@ def layered_image(layers: list[str], image_env: list[str], project_paths: Iterab
         entries.append({"type": "bind", "dst": path, "src": path, "ro": True, "idmap": path in project})
     env = dict(e.partition("=")[::2] for e in image_env if "=" in e)
     env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-    sys_path = packages
+    # The import paths: the bound ones, and sys.path's entries inside them (the venv's
+    # site-packages inside a project that PYTHONPATH names), not every package's directory.
+    entries_of_sys_path = set(_existing(sys.path + (site.getsitepackages() if hasattr(site, "getsitepackages") else [])))
+    sys_path = sorted(set(packages) | (set(_existing(imports)) & entries_of_sys_path))
     if pytest_version:  # the plugin imported from its parent, which holds nothing else here
         sys_path = list(dict.fromkeys([os.path.dirname(_plugin_only())] + [p for p in packages if p != _plugin_only()]))
     return Image(_pinned(entries + _system_entries()) + _dev_links(), python, env, sys_path, pytest_version)

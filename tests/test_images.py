@@ -215,3 +215,41 @@ def test_by_hand():
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     bad.stderr.fnmatch_lines(["*invalid 'python': python= picks an interpreter inside an image; the host image "
                               "runs pytest's own"])
+
+
+def test_a_deep_image_of_more_layers_than_one_page_of_mount_options_names(pytester, run, tmp_path, python_root,
+                                                                           cache) -> None:
+    """300 layers: their overlay's lower directories, written out, are longer than the
+    page the kernel copies mount options into; each test still gets its overlay."""
+    layers = [imagebuild.layer_of_directory(python_root)]
+    layers += [imagebuild.layer_of_files({f"srv/layer-{i}": str(i).encode()}) for i in range(299)]
+    layout = imagebuild.oci_layout(str(tmp_path / "deep"), "deep", layers)
+    pytester.makepyfile(test_deep=f"""
+import os, pytest
+
+@pytest.mark.isolated(image="oci:{layout}:deep")
+@pytest.mark.parametrize("n", range(2))
+def test_every_layer(n):
+    assert sorted(os.listdir("/srv")) == sorted(f"layer-{{i}}" for i in range(299))
+    assert open("/srv/layer-298").read() == "298"
+    assert not os.path.exists("/srv/written")   # by the other test
+    open("/srv/written", "w").close()
+""")
+    run().assert_outcomes(passed=2)
+
+
+@pytest.mark.skipif(sys.prefix == sys.base_prefix, reason="needs a virtual environment to name its parent")
+def test_pythonpath_naming_the_directory_that_holds_the_venv(pytester, run, python_layout, cache, monkeypatch) -> None:
+    """A project whose PYTHONPATH names the directory the venv lives in (a venv inside
+    the project, as scripts/test.sh makes): the image's interpreter still imports
+    pytest from the venv, not only the directory that covers it."""
+    monkeypatch.setenv("PYTHONPATH", os.path.dirname(sys.prefix))
+    pytester.makepyfile(test_path=f"""
+import pytest
+
+@pytest.mark.isolated(image="oci:{python_layout}:py")
+def test_in_the_image():
+    import _pytest
+    assert _pytest.__file__.startswith({sys.prefix!r})
+""")
+    run().assert_outcomes(passed=1)

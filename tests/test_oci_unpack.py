@@ -224,3 +224,27 @@ def test_an_abandoned_pull_is_pruned_but_not_a_live_one(sandbox) -> None:
 def test_unpack_refuses_what_is_no_tar(tmp_path) -> None:
     with pytest.raises(unpack.LayerError, match="not a tar archive"):
         unpack.unpack_layer(io.BytesIO(b"not a tar at all" * 100), str(tmp_path))
+
+
+def test_a_parent_no_member_names_belongs_to_the_image_root(tmp_path) -> None:
+    """Layers often hold ``srv/file`` without a ``srv/`` entry: the directory made for
+    it is the image root's (mapped like any uid 0), 0755, and a later entry for it wins."""
+    members = [member("srv/file", data=b"x"), member("opt/deep/file", data=b"y"),
+               member("opt", tarfile.DIRTYPE, mode=0o700)]
+    for info, _ in members:  # every named member belongs to someone else than root
+        info.uid = info.gid = 1000
+    data = layer(*members)
+    mapped = []
+
+    def owner(uid: int, gid: int) -> tuple[int, int] | None:
+        mapped.append((uid, gid))
+        return (os.getuid(), os.getgid()) if (uid, gid) == (0, 0) else None
+
+    root = tmp_path / "root"
+    root.mkdir()
+    unpack.unpack_layer(io.BytesIO(data), str(root), owner)
+    assert stat.S_IMODE((root / "srv").stat().st_mode) == 0o755
+    assert stat.S_IMODE((root / "opt" / "deep").stat().st_mode) == 0o755
+    assert stat.S_IMODE((root / "opt").stat().st_mode) == 0o700  # named by a later member
+    # The two implicit directories, and only they, went through the mapping as root.
+    assert sorted(mapped) == [(0, 0), (0, 0), (1000, 1000), (1000, 1000), (1000, 1000)]

@@ -381,3 +381,20 @@ def test_a_test_root_of_an_image_stacks_the_skeleton_on_its_layers(test_root):
     assert calls[2] == mount("overlay", root, "overlay", MS_NOSUID,
                              f"lowerdir={rootfs.LOWER}:{rootfs.LAYERS}/0:{rootfs.LAYERS}/1:{rootfs.LAYERS}/2,"
                              f"upperdir={scratch}/upper,workdir={scratch}/work,userxattr")
+
+
+def test_a_deep_image_names_its_layers_from_their_directory(test_root):
+    """Mount options are copied into one page: the lower directories of a deep image
+    are named relative to LAYERS, and the overlay is mounted from there."""
+    scratch, root = test_root
+    with syscalls.recording() as calls:
+        rootfs.build_test_root([{"type": "layers", "dst": "/", "layers": [f"/l{i}" for i in range(300)]}], [])
+    relative = ":".join(["../" + rootfs.LOWER.lstrip("/")] + [str(i) for i in range(300)])
+    assert calls[2] == ("mount_in", (rootfs.LAYERS, "overlay", root, "overlay", MS_NOSUID,
+                                     f"lowerdir={relative},upperdir={scratch}/upper,workdir={scratch}/work,userxattr"))
+
+
+def test_more_layers_than_overlayfs_stacks_is_an_error_that_says_so(test_root):
+    with syscalls.recording() as calls, pytest.raises(OSError, match="501 layers; overlayfs stacks at most 500"):
+        rootfs.build_test_root([{"type": "layers", "dst": "/", "layers": [f"/l{i}" for i in range(500)]}], [])
+    assert not [args for name, args in calls if args[:1] == ("overlay",) or args[1:2] == ("overlay",)]

@@ -10,7 +10,7 @@ never following a symlink:
   are refused;
 - parents are walked component by component with O_NOFOLLOW | O_DIRECTORY inside
   the layer's own directory: a symlink planted by an earlier member is never
-  written through (CVE-2021-29136 class); missing parents are made;
+  written through (CVE-2021-29136 class); missing parents are made (the image root's, 0755);
 - the root entry (``./``) must stay a directory;
 - hardlinks must name a file already unpacked in this layer, walked the same way;
 - device nodes are made only where the kernel lets us (else refused, naming them);
@@ -34,6 +34,7 @@ import hashlib
 import os
 import stat
 import tarfile
+import time
 from typing import BinaryIO, Callable
 
 WHITEOUT = ".wh."
@@ -107,6 +108,9 @@ class _Layer:
                         raise LayerError(f"{member!r}: {'/'.join(parts[:i + 1])} does not exist in this layer") from None
                     os.mkdir(part, 0o755, dir_fd=fd)
                     child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                    # A parent no member names is the image root's, 0755, as containerd makes
+                    # it (else it would be this unpacker's, a stranger to the container).
+                    self.directories.setdefault(tuple(parts[:i + 1]), _implicit_directory(parts[:i + 1]))
                 except OSError as exc:
                     if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                         raise LayerError(f"{member!r} goes through {'/'.join(parts[:i + 1])}, which is not a "
@@ -244,6 +248,12 @@ class _Layer:
                 os.utime(name, (info.mtime, info.mtime), dir_fd=fd, follow_symlinks=False)
             finally:
                 os.close(fd)
+
+
+def _implicit_directory(parts: list[str]) -> tarfile.TarInfo:
+    info = tarfile.TarInfo("/".join(parts))
+    info.type, info.mode, info.uid, info.gid, info.mtime = tarfile.DIRTYPE, 0o755, 0, 0, int(time.time())
+    return info
 
 
 def _is_whiteout(name: str, dir_fd: int) -> bool:

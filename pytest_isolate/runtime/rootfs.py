@@ -309,11 +309,8 @@ def build_test_root(entries: list[dict], mounts: list[dict]) -> str:
         os.mkdir(d)
     # Overlay layers never include submounts: the binds are bound again below.
     layered = next((e for e in entries if e["type"] == "layers"), None)
-    lower = ":".join([LOWER] + [f"{LAYERS}/{i}" for i in range(len(layered["layers"]) if layered else 0)])
-    syscalls.mount(
-        "overlay", root, "overlay", MS_NOSUID,
-        f"lowerdir={lower},upperdir={upper},workdir={work},userxattr",
-    )
+    lowers = [LOWER] + [f"{LAYERS}/{i}" for i in range(len(layered["layers"]) if layered else 0)]
+    syscalls.mount_overlay(root, lowers, upper, work, MS_NOSUID, parent=LAYERS)
     build = _Build(root)
     for entry in ordered(entries + mounts):
         _steps(entry).test_root(build, entry)

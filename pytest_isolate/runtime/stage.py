@@ -143,9 +143,8 @@ def _image_root(layer_fds: list[int], owner: tuple[int, int]) -> str:
     for d in (upper, work, root):
         os.mkdir(d, 0o755)
         os.lchown(d, *owner)
-    lower = ":".join(f"/proc/self/fd/{fd}" for fd in layer_fds)
-    syscalls.mount("overlay", root, "overlay", MS_NOSUID | MS_NODEV,
-                   f"lowerdir={lower},upperdir={upper},workdir={work},userxattr")
+    lowers = [f"/proc/self/fd/{fd}" for fd in layer_fds]
+    syscalls.mount_overlay(root, lowers, upper, work, MS_NOSUID | MS_NODEV, parent="/proc/self/fd")
     return root
 
 

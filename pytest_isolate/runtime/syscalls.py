@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 from typing import Callable, Iterator
 
@@ -120,6 +121,18 @@ class Kernel:
               data: str | None) -> int:
         return libc.mount(_b(source), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data))
 
+    def mount_in(self, directory: str, source: str | None, target: str, fstype: str | None, flags: int,
+                 data: str | None) -> int:
+        """mount(2) with ``directory`` as the working directory: relative names in
+        ``data`` are resolved there (the caller's cwd is back afterwards)."""
+        here = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.chdir(directory)
+            return self.mount(source, target, fstype, flags, data)
+        finally:
+            os.fchdir(here)
+            os.close(here)
+
     def umount2(self, target: str, flags: int) -> int:
         return libc.umount2(_b(target), ctypes.c_int(flags))
 
@@ -214,6 +227,29 @@ def mount(
     data: str | None = None,
 ) -> None:
     check(kernel.mount(source, target, fstype, flags, data), f"mount {fstype or source or ''} on {target}")
+
+
+# Mount options are copied into one page; overlayfs takes at most 500 lower layers.
+MOUNT_DATA_MAX = 4095
+OVERLAY_MAX_LOWERS = 500
+
+
+def mount_overlay(target: str, lowers: list[str], upper: str, work: str, flags: int, parent: str) -> None:
+    """An overlay of ``lowers`` (top first) on ``target``. A deep image's lower
+    directories would not fit the page the kernel copies the options into: they are
+    then named relative to ``parent``, the directory that holds them, and the mount
+    is made from there (as containerd does)."""
+    if len(lowers) > OVERLAY_MAX_LOWERS:
+        raise OSError(errno.E2BIG, f"mount overlay on {target}: {len(lowers)} layers; overlayfs stacks at most "
+                      f"{OVERLAY_MAX_LOWERS}")
+    tail = f",upperdir={upper},workdir={work},userxattr"
+    data = f"lowerdir={':'.join(lowers)}{tail}"
+    if len(data) <= MOUNT_DATA_MAX:
+        mount("overlay", target, "overlay", flags, data)
+        return
+    relative = ":".join(os.path.relpath(lower, parent) for lower in lowers)
+    check(kernel.mount_in(parent, "overlay", target, "overlay", flags, f"lowerdir={relative}{tail}"),
+          f"mount overlay on {target}")
 
 
 def umount2(target: str, flags: int = 0) -> None:
