@@ -127,11 +127,14 @@ class ContainerHost:
         examples = hypothesis_support.examples_directory()  # the container reads it, read-only
         if examples is not None:
             workerinput[hypothesis_support.WORKERINPUT_KEY] = examples
-        self._send("start", entries=self.entries, args=self.args, option_dict=_plain_options(config.option),
-                   workerinput=workerinput, argv=list(sys.argv), collect=self.mode == "fork",
-                   shared=controller_shared(self), own_stdlib=image.sys_path is not None,
-                   own_packages=image.pytest is not None,
-                   sys_path=list(sys.path) if image.sys_path is None else image.sys_path)
+        try:
+            self._send("start", entries=self.entries, args=self.args, option_dict=_plain_options(config.option),
+                       workerinput=workerinput, argv=list(sys.argv), collect=self.mode == "fork",
+                       shared=controller_shared(self), own_stdlib=image.sys_path is not None,
+                       own_packages=image.pytest is not None,
+                       sys_path=list(sys.path) if image.sys_path is None else image.sys_path)
+        except HostError as exc:
+            raise self._import_failure() or exc from None
         try:
             name, data = self._receive()
         except HostError as exc:
@@ -155,6 +158,20 @@ class ContainerHost:
             self.kill()
             raise HostError(f"the container host sent a broken start message ({exc})") from None
         self.start_seconds = time.perf_counter() - started
+
+    def _import_failure(self) -> HostError | None:
+        """Why the host's end of the link ended before its first message: an error
+        importing this plugin's remote side there (e.g. pytest not importable by the
+        image's interpreter), said in one line instead of execnet's traceback."""
+        try:
+            self.channel.receive(timeout=10)
+        except execnet.RemoteError as exc:
+            last_line = (str(exc).strip().splitlines() or [""])[-1][:4096]
+            return HostError(f"the container host's Python ({self.built.python}) could not import pytest-isolate's "
+                             f"remote side: {last_line}")
+        except (*LINK_ERRORS, boundary.Tampering):
+            pass
+        return None
 
     def _watch(self, pid: int | None) -> None:
         """Keep a pidfd of the host process (pid as this controller sees it), checked

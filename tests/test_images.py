@@ -253,3 +253,25 @@ def test_in_the_image():
     assert _pytest.__file__.startswith({sys.prefix!r})
 """)
     run().assert_outcomes(passed=1)
+
+
+def test_an_image_whose_python_cannot_import_pytest_says_so_in_one_line(pytester, run, tmp_path, python_root,
+                                                                         cache) -> None:
+    """An image's sitecustomize that blocks pytest: the container host cannot import
+    this plugin's remote side there, and the test's error says that, not "lost the link"."""
+    blocker = f"usr/lib/python{imagebuild.VERSION}/sitecustomize.py"
+    layers = [imagebuild.layer_of_directory(python_root),
+              imagebuild.layer_of_files({blocker: b"import sys\nsys.modules['pytest'] = None\n"})]
+    layout = imagebuild.oci_layout(str(tmp_path / "blocked"), "blocked", layers)
+    pytester.makepyfile(test_blocked=f"""
+import pytest
+
+@pytest.mark.isolated(image="oci:{layout}:blocked")
+def test_blocked():
+    pass
+""")
+    result = run("--isolate-mode=fork")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([f"*the container host's Python (/usr/bin/python{imagebuild.VERSION}) could not import "
+                                 "pytest-isolate's remote side: *Error: import of pytest halted; None in sys.modules*"])
+    assert "Traceback" not in result.stdout.str() + result.stderr.str()
