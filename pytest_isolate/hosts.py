@@ -134,9 +134,11 @@ class ContainerHost:
                        own_packages=image.pytest is not None,
                        sys_path=list(sys.path) if image.sys_path is None else image.sys_path)
         except HostError as exc:
-            raise self._import_failure() or exc from None
+            raise self._remote_failure() or exc from None
         try:
-            name, data = self._receive()
+            name, data = self._receive(remote_errors=False)
+        except execnet.RemoteError as exc:
+            raise self._remote_failure(exc) from None
         except HostError as exc:
             raise HostError(f"the container host failed while starting ({exc})") from None
         if name == "host_error":
@@ -159,19 +161,21 @@ class ContainerHost:
             raise HostError(f"the container host sent a broken start message ({exc})") from None
         self.start_seconds = time.perf_counter() - started
 
-    def _import_failure(self) -> HostError | None:
-        """Why the host's end of the link ended before its first message: an error
-        importing this plugin's remote side there (e.g. pytest not importable by the
-        image's interpreter), said in one line instead of execnet's traceback."""
-        try:
-            self.channel.receive(timeout=10)
-        except execnet.RemoteError as exc:
-            last_line = (str(exc).strip().splitlines() or [""])[-1][:4096]
-            return HostError(f"the container host's Python ({self.built.python}) could not import pytest-isolate's "
-                             f"remote side: {last_line}")
-        except (*LINK_ERRORS, boundary.Tampering):
-            pass
-        return None
+    def _remote_failure(self, error: execnet.RemoteError | None = None) -> HostError | None:
+        """Why the host's end of the link ended before its first message, in one line
+        instead of execnet's traceback: mostly an error importing this plugin's remote
+        side there (e.g. pytest not importable by the image's interpreter)."""
+        if error is None:
+            try:
+                self.channel.receive(timeout=10)
+            except execnet.RemoteError as exc:
+                error = exc
+            except LINK_ERRORS:
+                return None
+        if error is None:
+            return None
+        last_line = (str(error).strip().splitlines() or [""])[-1][:4096]
+        return HostError(f"the container host's Python ({self.built.python}) failed before it started: {last_line}")
 
     def _watch(self, pid: int | None) -> None:
         """Keep a pidfd of the host process (pid as this controller sees it), checked
@@ -217,12 +221,15 @@ class ContainerHost:
             if pidfd is not None:
                 os.close(pidfd)
 
-    def _receive(self, timeout: float | None = None) -> tuple[str, dict]:
+    def _receive(self, timeout: float | None = None, remote_errors: bool = True) -> tuple[str, dict]:
         """The host's next message (runtime/link.py: its name and fields checked; the
-        fields' values are the caller's to check)."""
+        fields' values are the caller's to check). ``remote_errors=False``: the
+        caller takes execnet.RemoteError itself."""
         try:
             message = self.channel.receive(timeout)
         except LINK_ERRORS as exc:
+            if not remote_errors and isinstance(exc, execnet.RemoteError):
+                raise
             raise _lost_link(exc) from None
         try:
             return link.check(message, link.FROM_HOST)
