@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from pytest_isolate.runtime import subids
+
 from conftest import SUITE_MODE_ARGS, find_processes, wait_for
 
 PY = sys.executable
@@ -344,11 +346,13 @@ exec postgres -D /tmp/pg -k /tmp -c listen_addresses='*'
 
 
 @pytest.mark.skipif(PG_BIN is None, reason="needs PostgreSQL (Debian: postgresql)")
-@pytest.mark.skipif(os.geteuid() != 0, reason="PostgreSQL refuses root: user= needs more than one uid in the "
-                    "container, which a rootless one has only with a subordinate range")
 def test_a_real_postgresql_as_its_own_user(pytester, run) -> None:
     """user= runs the service as the image's postgres user (PostgreSQL refuses root);
-    the test speaks the wire protocol's start-up to it."""
+    the test speaks the wire protocol's start-up to it. Rootless, that needs a
+    subordinate uid range (the rootless lane's user has one)."""
+    if os.geteuid() != 0 and not subids.rootless_mapping().ranged:
+        pytest.skip("PostgreSQL refuses root: user= needs more than one uid in the container, which a rootless one "
+                    f"has only with a subordinate range ({subids.rootless_mapping().why_not})")
     pytester.makepyfile(test_pg=f"""
         import socket, struct, pytest
         import pytest_isolate as isolate
