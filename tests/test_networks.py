@@ -276,7 +276,9 @@ def _kernel_has_netem() -> bool:
 
 def test_netem_rate_shapes_eth0_and_faults_need_the_kernels_netem(pytester, run) -> None:
     pytester.makepyfile(test_netem="""
+        import socket, sys, time
         import pytest
+        import pytest_isolate as isolate
 
         @pytest.mark.isolated(network="backend", netem={"rate": "8mbit"})
         def test_rate():
@@ -286,19 +288,38 @@ def test_netem_rate_shapes_eth0_and_faults_need_the_kernels_netem(pytester, run)
                 kinds = [q.get_attr("TCA_KIND") for q in ip.get_qdiscs(index=eth0)]
             assert "tbf" in kinds, kinds
 
-        @pytest.mark.isolated(network="backend", netem={"delay": "20ms", "loss": "1%"})
-        def test_faults():
+        listener = isolate.service("listener", [sys.executable, "-c",
+                                   "import socket; s = socket.create_server(('0.0.0.0', 7000)); "
+                                   "[s.accept()[0].close() for _ in iter(int, 1)]"], ready=isolate.tcp(7000))
+
+        def connect_seconds(host):
+            started = time.monotonic()
+            socket.create_connection((host, 7000), timeout=30).close()
+            return time.monotonic() - started
+
+        @pytest.mark.isolated(network="backend", netem={"delay": "200ms", "loss": "1%"})
+        def test_faults(listener):
             from pyroute2 import IPRoute
             with IPRoute() as ip:
                 eth0 = ip.link_lookup(ifname="eth0")[0]
                 kinds = [q.get_attr("TCA_KIND") for q in ip.get_qdiscs(index=eth0)]
             assert "netem" in kinds, kinds
+            # netem holds every packet leaving eth0 200 ms at least: the SYN too.
+            assert min(connect_seconds(listener.host) for _ in range(3)) >= 0.2
+
+        @pytest.mark.isolated(network="backend")
+        def test_no_faults_without_netem(listener):
+            from pyroute2 import IPRoute
+            with IPRoute() as ip:
+                eth0 = ip.link_lookup(ifname="eth0")[0]
+                kinds = [q.get_attr("TCA_KIND") for q in ip.get_qdiscs(index=eth0)]
+            assert "netem" not in kinds and "tbf" not in kinds, kinds
     """)
     result = run("-p", "no:randomly")
     if _kernel_has_netem():
-        result.assert_outcomes(passed=2)
+        result.assert_outcomes(passed=3)
     else:
-        result.assert_outcomes(passed=1, errors=1)
+        result.assert_outcomes(passed=2, errors=1)
         result.stdout.fnmatch_lines(["*netem= needs the kernel's netem queueing discipline (sch_netem, "
                                      "CONFIG_NET_SCH_NETEM), which this kernel lacks*"])
 

@@ -26,8 +26,10 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")" && pwd)
 CACHE_ROOT=/var/cache/pytest-isolate-guest
+# veth bridge sch_netem sch_tbf: private networks and netem= (tests/test_networks.py);
+# a user namespace cannot have them loaded on demand.
 MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
-         9pnet 9pnet_virtio netfs fscache 9p overlay)
+         9pnet 9pnet_virtio netfs fscache 9p overlay veth bridge sch_netem sch_tbf)
 ESSENTIAL_MODULES=" virtio_pci 9pnet_virtio 9p "
 
 prog=run.sh
