@@ -82,7 +82,8 @@ class Controller:
         for item, settings in planned:
             self._image_specs[settings.image_key()] = (settings.image, settings.python)
             # What the host's relay may connect to: every allow= of its tests.
-            self.allowed.setdefault((settings.mode, settings.image_key()), set()).update(settings.allow)
+            self.allowed.setdefault((settings.mode, settings.image_key()), set()).update(
+                target[:3] for target in settings.allow)
             if settings.outbound:
                 self.outbound[(settings.mode, settings.image_key())] = _slirp4netns(item)
             if settings.network != "none":  # made ahead by the factory (factory.serve)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
+import socket
 from typing import Any
 
 from .options import OptionError, _show
@@ -11,6 +13,8 @@ from .options import OptionError, _show
 NONE = "none"
 MAX_ALLOW = 14  # the listening sockets of one container travel in one datagram (link.MAX_FDS)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
 
 
 def parse_network(value: Any, base: str) -> str:
@@ -27,28 +31,31 @@ def parse_network(value: Any, base: str) -> str:
     return value
 
 
-def parse_allow(value: Any, base: str) -> tuple[tuple[str, int, str], ...]:
-    """HOST:PORT[/tcp|udp] entries: the services of this machine a test may reach.
-    HOST is an IP address ([...] for IPv6) or localhost (127.0.0.1 and ::1)."""
-    accepted = ("'HOST:PORT[/tcp|udp]' strings, HOST an IP address of this machine ('[::1]' for IPv6) or "
-                "'localhost', e.g. ['127.0.0.1:8080', 'localhost:5432/tcp']")
+def parse_allow(value: Any, base: str) -> tuple[tuple[str, int, str, str], ...]:
+    """HOST:PORT[/tcp|udp] entries: the services of this machine a test may reach, as
+    (address, port, protocol, name). HOST is an IP address ([...] for IPv6),
+    localhost (127.0.0.1 and ::1), or a name this machine resolves, resolved once
+    here: each of its addresses is allowed, and the container's /etc/hosts names them."""
+    accepted = ("'HOST:PORT[/tcp|udp]' strings, HOST an IP address ('[::1]' for IPv6), 'localhost' or a host "
+                "name this machine resolves, e.g. ['127.0.0.1:8080', 'localhost:5432/tcp', 'db.internal:5432']")
     if value is None:
         return ()
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)):
         raise OptionError(f"got {_show(value)}; accepted: {accepted}")
-    found: set[tuple[str, int, str]] = set()
+    found: set[tuple[str, int, str, str]] = set()
     for entry in value:
         if not isinstance(entry, str):
             raise OptionError(f"got {_show(entry)}; accepted: {accepted}")
         found.update(_allow_entry(entry.strip(), accepted))
     if len(found) > MAX_ALLOW:
-        raise OptionError(f"got {len(found)} HOST:PORT entries ('localhost' counts twice); at most {MAX_ALLOW}")
+        raise OptionError(f"got {len(found)} HOST:PORT entries ('localhost' counts twice, a name once per "
+                          f"address); at most {MAX_ALLOW}")
     return tuple(sorted(found))
 
 
-def _allow_entry(entry: str, accepted: str) -> list[tuple[str, int, str]]:
+def _allow_entry(entry: str, accepted: str) -> list[tuple[str, int, str, str]]:
     address, slash, proto = entry.partition("/")
     proto = proto.lower() if slash else "tcp"
     host, colon, port_text = address.rpartition(":")
@@ -58,15 +65,33 @@ def _allow_entry(entry: str, accepted: str) -> list[tuple[str, int, str]]:
         host = host[1:-1]
     elif ":" in host:
         raise OptionError(f"got {_show(entry)}: write an IPv6 address in brackets, e.g. '[::1]:{port_text}'")
+    port = int(port_text)
     if host.lower() == "localhost":
-        return [("127.0.0.1", int(port_text), proto), ("::1", int(port_text), proto)]
+        return [("127.0.0.1", port, proto, ""), ("::1", port, proto, "")]
     try:
-        ip = ipaddress.ip_address(host)
+        ips, name = [ipaddress.ip_address(host)], ""
     except ValueError:
-        raise OptionError(f"got {_show(entry)}: {_show(host)} is not an IP address; accepted: {accepted}") from None
-    if ip.is_unspecified or ip.is_multicast:
-        raise OptionError(f"got {_show(entry)}: name the address the service listens on, not {ip}")
-    return [(str(ip), int(port_text), proto)]
+        if not _HOST_NAME.fullmatch(host) or host.replace(".", "").isdigit():
+            raise OptionError(f"got {_show(entry)}: {_show(host)} is neither an IP address nor a host name; "
+                              f"accepted: {accepted}") from None
+        name = host.rstrip(".").lower()
+        try:
+            ips = [ipaddress.ip_address(a) for a in _resolve(name)]
+        except OSError as exc:
+            raise OptionError(f"got {_show(entry)}: {name} does not resolve on this machine "
+                              f"({getattr(exc, 'strerror', None) or exc}); name an IP address instead, or a host "
+                              "this machine resolves (/etc/hosts, DNS)") from None
+    for ip in ips:
+        if ip.is_unspecified or ip.is_multicast:
+            raise OptionError(f"got {_show(entry)}: name the address the service listens on, not {ip}")
+    return [(str(ip), port, proto, name) for ip in ips]
+
+
+@functools.lru_cache(maxsize=256)
+def _resolve(name: str) -> tuple[str, ...]:
+    """The addresses of ``name``, as this machine resolves it, once per run."""
+    found = socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)
+    return tuple(sorted({info[4][0].split("%", 1)[0] for info in found}))
 
 
 _NETEM_KEYS = ("delay", "jitter", "loss", "rate")

@@ -80,7 +80,7 @@ class Settings:
     capture_limit: int = DEFAULT_CAPTURE_LIMIT
     python: str = "auto"
     network: str = "none"
-    allow: tuple[tuple[str, int, str], ...] = ()
+    allow: tuple[tuple[str, int, str, str], ...] = ()  # (address, port, protocol, host name or "")
     netem: tuple[tuple[str, float], ...] = ()
     outbound: bool = False
 
@@ -288,8 +288,8 @@ OPTIONS = (
            ":rw (repeatable)", "SRC:DST[:ro|rw]", multiple=True),
     Option("network", parse_network, "none (default: only lo) or the name of a private network the "
            "containers of this run share", "none|NAME"),
-    Option("allow", parse_allow, "a service of this machine the containers may reach, through a relay "
-           "(repeatable)", "HOST:PORT[/tcp|udp]", multiple=True),
+    Option("allow", parse_allow, "a service of this machine the containers may reach, through a relay; "
+           "HOST an IP address, localhost or a host name (repeatable)", "HOST:PORT[/tcp|udp]", multiple=True),
     Option("netem", parse_netem, "network faults on a private network: delay, jitter, loss, rate "
            "(repeatable), e.g. delay=50ms", "KEY=VALUE", multiple=True),
     Option("outbound", parse_outbound, "let the containers reach the outside, through slirp4netns "

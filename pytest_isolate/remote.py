@@ -153,7 +153,7 @@ class Host:
             return
         config = dict(container_config, seccomp_programs=seccomp_programs, masks=self.masks,
                       mounts=container_config["mounts"] + self.shared.mounts + self.services.mounts(found),
-                      hosts=self.services.hosts(network))
+                      hosts=self.services.hosts(network) + [list(h) for h in container_config["allow_hosts"]])
         # Limited tests are forked by the zygote in their cgroup and waited for to the
         # end: the next one must not share its limits with this one's leftovers.
         zygote = self.zygote(in_limits=in_zygote)

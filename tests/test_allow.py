@@ -136,13 +136,48 @@ def test_a_closed_destination_resets_the_connection_at_once(pytester, run) -> No
 
 @pytest.mark.parametrize(("value", "message"), [
     ("8080", "invalid 'allow': got '8080'; accepted: 'HOST:PORT[/tcp|udp]' strings"),
-    ("example.com:80", "invalid 'allow': got 'example.com:80': 'example.com' is not an IP address"),
+    ("bad_name!:80", "invalid 'allow': got 'bad_name!:80': 'bad_name!' is neither an IP address nor a host name"),
+    ("no-such-host.invalid:80", "invalid 'allow': got 'no-such-host.invalid:80': no-such-host.invalid does not "
+                                "resolve on this machine"),
     ("::1:80", "invalid 'allow': got '::1:80': write an IPv6 address in brackets, e.g. '[::1]:80'"),
     ("0.0.0.0:80", "invalid 'allow': got '0.0.0.0:80': name the address the service listens on, not 0.0.0.0"),
     ("127.0.0.1:80/sctp", "invalid 'allow': got '127.0.0.1:80/sctp'; accepted: 'HOST:PORT[/tcp|udp]'"),
 ])
 def test_a_bad_allow_entry_is_a_usage_error(pytester, run, value, message) -> None:
     assert message in marker_usage_error(pytester, run, allow=[value])
+
+
+def _machine_name() -> tuple[str, str]:
+    """This machine's host name and the address it resolves to here (as allow= resolves it)."""
+    name = socket.gethostname()
+    try:
+        return name, socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)[0][4][0]
+    except OSError as exc:
+        pytest.skip(f"this machine's name {name!r} does not resolve here ({exc})")
+
+
+@pytest.mark.parametrize("network", ["none", "backend"])
+def test_a_host_name_is_resolved_once_and_named_in_the_containers_hosts(pytester, run, network) -> None:
+    """allow=["NAME:PORT"]: the name is resolved by the controller; inside, the
+    container's own /etc/hosts names it (the machine's is not there on a private
+    network, and a container cannot resolve names otherwise), and it reaches the port."""
+    name, address = _machine_name()
+    server = Upper(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
+    try:
+        pytester.makepyfile(test_name=f"""
+            import socket, pytest
+
+            @pytest.mark.isolated(network={network!r}, allow=["{name}:{server.tcp_port}"])
+            def test_by_name():
+                assert "{address}\t{name.lower()}" in open("/etc/hosts").read().splitlines()
+                with socket.create_connection(("{name}", {server.tcp_port}), timeout=10) as conn:
+                    conn.sendall(b"by name")
+                    assert conn.recv(100) == b"BY NAME"
+        """)
+        run().assert_outcomes(passed=1)
+        assert server.connections == 1
+    finally:
+        server.close()
 
 
 def _new_relays(before: list[int]) -> list[int]:

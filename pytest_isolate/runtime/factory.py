@@ -83,6 +83,7 @@ def _container(entries: list[dict], request: dict, networks: network.Networks,
         if request["network"] != network.NONE:
             addresses = networks.attach(request["network"], request["id"], request["host_number"],
                                         request["netem"])
+        if request["network"] != network.NONE or request["hosts"]:  # hosts: also allow='NAME:PORT's
             rootfs.place_file(root, "/etc/hosts", network.hosts_file(request["hostname"], addresses,
                                                                       request["hosts"]))
         if request["outbound"]:  # slirp4netns's DNS forwarder (the machine's may be a loopback address)
