@@ -20,6 +20,7 @@ from .limits import Limiter, human
 from .options import Settings
 from .replay import Replay
 from .runtime import paths
+from .services import DEFAULT_NETWORK as SERVICES_NETWORK, specs_for as services_of
 
 
 class Controller:
@@ -86,8 +87,11 @@ class Controller:
                 target[:3] for target in settings.allow)
             if settings.outbound:
                 self.outbound[(settings.mode, settings.image_key())] = _slirp4netns(item)
-            if settings.network != "none":  # made ahead by the factory (factory.serve)
-                self.networks.setdefault((settings.mode, settings.image_key()), set()).add(settings.network)
+            network = settings.network
+            if network == "none" and services_of(item):  # its services' network
+                network = SERVICES_NETWORK
+            if network != "none":  # made ahead by the factory (factory.serve)
+                self.networks.setdefault((settings.mode, settings.image_key()), set()).add(network)
             try:
                 self.image(settings.image_key())
             except images.ImageProblem as exc:

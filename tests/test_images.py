@@ -276,3 +276,26 @@ def test_blocked():
                                  "started: *Error: import of pytest halted; None in sys.modules"])
     assert "Traceback" not in result.stdout.str() + result.stderr.str()
     assert "lost the link" not in result.stdout.str()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_private_network_and_a_service_in_an_image(pytester, run, python_layout, cache, mode) -> None:
+    """The factory is the controller's interpreter inside the image's root, where the
+    controller's standard library is not: pyroute2 is imported before it gets there."""
+    image = f"oci:{python_layout}:py"
+    pytester.makepyfile(test_network=f"""
+import socket, pytest
+import pytest_isolate as isolate
+
+SERVER = "import socket; s = socket.create_server(('0.0.0.0', 7000)); [s.accept()[0].close() for _ in iter(int, 1)]"
+echo = isolate.service("echo", ["/usr/bin/python{imagebuild.VERSION}", "-c", SERVER], ready=isolate.tcp(7000))
+
+@pytest.mark.isolated(image={image!r}, network="backend")
+def test_on_a_network():
+    assert socket.gethostbyname(socket.gethostname()).startswith("10.")
+
+@pytest.mark.isolated(image={image!r})
+def test_with_a_service(echo):
+    socket.create_connection((echo.host, 7000), timeout=10).close()
+""")
+    run(f"--isolate-mode={mode}").assert_outcomes(passed=2)

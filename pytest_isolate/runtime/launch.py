@@ -114,6 +114,11 @@ def enter_host(spec: dict, launched: dict) -> link.Channel | None:
     returns the channel to the allow-list relay, if the run has one."""
     controller = os.getppid()
     process.die_with_parent(controller)
+    if spec["env"] is not None and (spec["networks"] or spec["allow"]):  # an image's root lacks our stdlib
+        try:
+            network.preload(spec["library_path"])
+        except OSError:
+            pass  # the first container that needs a network says why
     if os.geteuid() == 0:
         # Real root builds the stage *before* joining the user namespace: only real
         # root can open host paths such as an interpreter under /root (mode 700) and

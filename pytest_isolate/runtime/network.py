@@ -70,6 +70,13 @@ def _iproute(library_path: str | None):
     return IPRoute
 
 
+def preload(library_path: str | None) -> None:
+    """Import pyroute2 now, while the controller's interpreter still sees its own
+    standard library: the factory is that interpreter inside the stage, and in an
+    image's root that library is not there (pyroute2 imports multiprocessing)."""
+    _iproute(library_path)
+
+
 def _next_host(host: int) -> int:
     """The next container's host number: no .0 or .255 (they look like network and
     broadcast addresses to people and to some programs)."""
