@@ -7,7 +7,7 @@ is already imported, and projects with ``filterwarnings = error`` would fail).
 
 __version__ = "0.1.0"
 
-_SERVICES = ("service", "tcp", "log", "Service")
+_SERVICES = ("service", "tcp", "log", "Service", "snapshot", "Snapshot")
 
 
 def __getattr__(name: str):

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import signal
 from typing import Any
 
 import pytest
@@ -26,6 +27,7 @@ import pytest
 SCOPES = ("session", "package", "module", "class", "function")
 DEFAULT_NETWORK = "services"
 DEFAULT_READY_TIMEOUT = 30.0
+DEFAULT_STOP_TIMEOUT = 30.0
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 SERVICE_ATTRIBUTE = "_pytest_isolate_service"
 _USER = re.compile(r"^([a-z_][a-z0-9_.-]{0,31}|[0-9]{1,10}(:[0-9]{1,10})?)$")
@@ -61,6 +63,28 @@ def log(pattern: str) -> Ready:
 
 
 @dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """service(..., snapshot=...): start the service once, stop it with
+    ``stop_signal``, and start each instance from a copy of what it wrote."""
+
+    stop_signal: int = signal.SIGTERM
+    stop_timeout: float = DEFAULT_STOP_TIMEOUT
+
+
+def snapshot(*, stop_signal: int = signal.SIGTERM, stop_timeout: float = DEFAULT_STOP_TIMEOUT) -> Snapshot:
+    """How a service's snapshot is taken: the signal that stops it cleanly, and how
+    long it may take to exit (seconds)."""
+    where = "pytest_isolate.snapshot()"
+    if isinstance(stop_signal, bool) or not isinstance(stop_signal, int) or \
+            stop_signal not in set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}:
+        raise pytest.UsageError(f"{where}: stop_signal: got {stop_signal!r}; accepted: a signal the service exits "
+                                "on cleanly, e.g. signal.SIGTERM or signal.SIGINT (not SIGKILL or SIGSTOP)")
+    if isinstance(stop_timeout, bool) or not isinstance(stop_timeout, (int, float)) or not 0 < stop_timeout < 3600:
+        raise pytest.UsageError(f"{where}: stop_timeout: got {stop_timeout!r}; accepted: seconds, 0 to 3600")
+    return Snapshot(int(stop_signal), float(stop_timeout))
+
+
+@dataclasses.dataclass(frozen=True)
 class Service:
     """What a test gets from a service's fixture."""
 
@@ -78,10 +102,14 @@ class Service:
 
 
 def service(name: str, command: list[str] | tuple[str, ...], *, ready: Ready | None = None,
-            scope: str = "session", env: dict[str, str] | None = None,
-            ready_timeout: float = DEFAULT_READY_TIMEOUT, user: str | None = None):
+            scope: str | None = None, env: dict[str, str] | None = None,
+            ready_timeout: float = DEFAULT_READY_TIMEOUT, user: str | None = None,
+            snapshot: bool | Snapshot = False):
     """A fixture named ``name`` whose value is the running service (Service).
-    ``user``: who the command runs as inside its container (root by default)."""
+    ``user``: who the command runs as inside its container (root by default).
+    ``snapshot``: True or pytest_isolate.snapshot(...): each instance starts from a
+    snapshot of the service's state, taken once (services_snapshot.py); ``scope``
+    is then "function" unless given (else "session")."""
     where = f"pytest_isolate.service({name!r})"
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise pytest.UsageError(f"pytest_isolate.service(): got the name {name!r}; accepted: a Python identifier "
@@ -93,6 +121,15 @@ def service(name: str, command: list[str] | tuple[str, ...], *, ready: Ready | N
     if ready is not None and not isinstance(ready, Ready):
         raise pytest.UsageError(f"{where}: ready: got {ready!r}; accepted: pytest_isolate.tcp(PORT), "
                                 "pytest_isolate.log(REGEX) or None (ready once started)")
+    if snapshot is True:
+        snapshot = Snapshot()
+    elif snapshot is False or snapshot is None:
+        snapshot = None
+    elif not isinstance(snapshot, Snapshot):
+        raise pytest.UsageError(f"{where}: snapshot: got {snapshot!r}; accepted: True, False or "
+                                "pytest_isolate.snapshot(stop_signal=..., stop_timeout=...)")
+    if scope is None:
+        scope = "function" if snapshot else "session"
     if scope not in SCOPES:
         raise pytest.UsageError(f"{where}: scope: got {scope!r}; accepted: {', '.join(SCOPES)}")
     env = dict(env or {})
@@ -105,7 +142,8 @@ def service(name: str, command: list[str] | tuple[str, ...], *, ready: Ready | N
         raise pytest.UsageError(f"{where}: user: got {user!r}; accepted: a user name of the image, a uid, or "
                                 "UID:GID, e.g. 'postgres' or '999:999'")
     spec = {"name": name, "argv": list(command), "env": env, "scope": scope, "ready_timeout": float(ready_timeout),
-            "ready": dataclasses.asdict(ready) if ready else None, "user": user}
+            "ready": dataclasses.asdict(ready) if ready else None, "user": user,
+            "snapshot": dataclasses.asdict(snapshot) if snapshot else None}
 
     def fixture():
         from . import services_container

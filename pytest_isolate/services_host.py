@@ -56,6 +56,7 @@ class Services:
         self.masks = masks
         self.running: dict[str, Running] = {}  # by key
         self._numbers: dict[str, set[int]] = {}  # network -> host numbers in use
+        self.snapshots: set[str] = set()  # the names of those taken (services_snapshot.py)
 
     def mounts(self, found: dict) -> list[dict]:
         """What a test that uses services gets: their logs, read-only."""
@@ -85,7 +86,12 @@ class Services:
                 raise ServiceError(f"the service {spec['name']!r} runs on the network {running.network!r}, and this "
                                    f"test is on {network!r}: put the tests of one service instance on one network")
             if running is None:
-                running = self._start(spec, network, zygote, seccomp_programs)
+                snapshot = None
+                if spec.get("snapshot"):
+                    from pytest_isolate import services_snapshot
+
+                    snapshot = services_snapshot.copy_of(self, spec, network, zygote, seccomp_programs)
+                running = self._start(spec, network, zygote, seccomp_programs, snapshot)
             found[spec["name"]] = running.info()
         return found
 
@@ -117,7 +123,8 @@ class Services:
         for key in list(self.running):
             self.stop(key)
 
-    def _start(self, spec: dict, network: str, zygote, seccomp_programs: list) -> Running:
+    def _start(self, spec: dict, network: str, zygote, seccomp_programs: list,
+               snapshot: dict | None = None) -> Running:
         used = self._numbers.setdefault(network, set())
         number = next(n for n in range(2, 255) if n not in used)  # 253 services per network at once
         os.makedirs(LOG_DIR, mode=0o755, exist_ok=True)
@@ -129,7 +136,8 @@ class Services:
                    "ro": False}]
         build = {"mounts": mounts, "hostname": spec["name"], "network": network, "hosts": self.hosts(network),
                  "allow": [], "netem": [], "outbound": False}
-        container = self.factory.wait(self.factory.request(build, host_number=number, watch_ports=True))
+        container = self.factory.wait(self.factory.request(build, host_number=number, watch_ports=True,
+                                                           snapshot=snapshot))
         config = dict(build, env=spec["env"], cwd="/", cap_add=[], system_paths="masked", landlock=None,
                       rlimits=[], seccomp_programs=seccomp_programs, masks=self.masks, user=spec["user"])
         prepared = pipeline.Prepared(config, container, zygote)

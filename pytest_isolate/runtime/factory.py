@@ -24,7 +24,7 @@ import os
 import signal
 import socket
 
-from . import link, namespaces, network, process, relay, rootfs, syscalls, tiny_init
+from . import link, namespaces, network, process, relay, rootfs, snapshots, syscalls, tiny_init
 
 
 def serve(channel: link.Channel, entries: list[dict], library_path: str | None = None,
@@ -74,10 +74,13 @@ def _container(entries: list[dict], request: dict, networks: network.Networks,
     init's pidfd and, for a service, its /proc/net/tcp and tcp6; its addresses."""
     if request["network"] != network.NONE:
         networks.prepare(request["network"])  # at home: before the unshare below
+    snapshot = request.get("snapshot")
+    if snapshot is not None:
+        snapshots.prepare(snapshot)  # at home too: the snapshot outlives this container
     syscalls.unshare(namespaces.JOINED_FLAGS)
     fds = namespaces.open_own(ns.name for ns in namespaces.JOINED)
     try:
-        root = rootfs.build_test_root(entries, request["mounts"])
+        root = rootfs.build_test_root(entries, request["mounts"], snapshot)
         network.bring_up_loopback()
         addresses = []
         if request["network"] != network.NONE:

@@ -60,6 +60,7 @@ MESSAGES: dict[str, dict[str, object]] = {
     # host <-> factory (namespace fds and init's pidfd come with "built")
     "build": {"id": int, "mounts": list, "hostname": str, "network": str, "hosts": list,
               "host_number": (int, type(None)), "watch_ports": bool,  # these two: services
+              "snapshot": (dict, type(None)),  # a service's snapshot (snapshots.py)
               "allow": list, "netem": list, "outbound": bool},
     "relay": {"targets": list},  # factory -> relay: listening sockets and init's pidfd come along
     "outbound": {},  # factory -> relay: the container's network namespace and init's pidfd come along

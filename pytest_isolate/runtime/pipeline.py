@@ -40,11 +40,14 @@ class InitFactory:
         self._next_id = 0
         self._arrived: dict[int, tuple[str, dict, list[int]]] = {}
 
-    def request(self, build: dict, host_number: int | None = None, watch_ports: bool = False) -> int:
+    def request(self, build: dict, host_number: int | None = None, watch_ports: bool = False,
+                snapshot: dict | None = None) -> int:
         """Ask for a container built after ``build`` (BUILD_KEYS; a service's also has a
-        fixed host number and its listening sockets watched); returns the request's id."""
+        fixed host number, its listening sockets watched and maybe a snapshot:
+        snapshots.py); returns the request's id."""
         self._next_id += 1
-        self.channel.send("build", id=self._next_id, host_number=host_number, watch_ports=watch_ports, **build)
+        self.channel.send("build", id=self._next_id, host_number=host_number, watch_ports=watch_ports,
+                          snapshot=snapshot, **build)
         return self._next_id
 
     def wait(self, request_id: int) -> namespaces.Container:

@@ -53,6 +53,9 @@ LOWER = "/.pytest-isolate-lower"
 TEST_ROOT = SCRATCH + "/root"
 # Where an image's layers wait in the stage, top first: 0, 1, ...
 LAYERS = "/.pytest-isolate-layers"
+# Where the factory keeps the snapshots of services (snapshots.py): a tmpfs of its own
+# mount namespace, so they end with it.
+SNAPSHOTS = "/.pytest-isolate-snapshots"
 
 
 
@@ -296,21 +299,36 @@ def pivot_into(new_root: str) -> None:
     os.chdir("/")
 
 
-def build_test_root(entries: list[dict], mounts: list[dict]) -> str:
+def build_test_root(entries: list[dict], mounts: list[dict], snapshot: dict | None = None) -> str:
     """Build one test's root under SCRATCH, from the stage the caller sits in.
 
     Runs in a fresh mount namespace owned by the container user namespace. Returns
-    the new root (TEST_ROOT); /proc is mounted later, by the test process.
+    the new root (TEST_ROOT); /proc is mounted later, by the test process. With
+    ``snapshot`` (a service's, checked by snapshots.prepare), the overlay's upper
+    layer is the snapshot's ("template") or the snapshot is its top lower layer
+    ("copy"); either way /tmp is a directory of that root, not a tmpfs, so that
+    what the service keeps there is in its snapshot.
     """
     syscalls.mount(None, "/", None, MS_REC | syscalls.MS_PRIVATE)
     _tmpfs(SCRATCH, "755")
     upper, work, root = _join(SCRATCH, "upper"), _join(SCRATCH, "work"), TEST_ROOT
-    for d in (upper, work, root):
-        os.mkdir(d)
     # Overlay layers never include submounts: the binds are bound again below.
     layered = next((e for e in entries if e["type"] == "layers"), None)
     lowers = [LOWER] + [f"{LAYERS}/{i}" for i in range(len(layered["layers"]) if layered else 0)]
+    if snapshot is not None:
+        kept = _join(SNAPSHOTS, snapshot["name"])
+        if snapshot["role"] == "template":
+            upper, work = _join(kept, "upper"), _join(kept, "work")
+        else:
+            lowers.insert(0, _join(kept, "upper"))
+        entries = [e for e in entries if (e["type"], e["dst"]) != ("tmpfs", "/tmp")]
+    for d in (upper, work, root):
+        _makedirs(d)
     syscalls.mount_overlay(root, lowers, upper, work, MS_NOSUID, parent=LAYERS)
+    if snapshot is not None and snapshot["role"] == "template":
+        tmp = _join(root, paths.resolve_in_root(root, "/tmp"))  # an image's symlink leads inside its root
+        _makedirs(tmp)
+        os.chmod(tmp, 0o1777)  # copied up: the copies find it so in their lower layer
     build = _Build(root)
     for entry in ordered(entries + mounts):
         _steps(entry).test_root(build, entry)

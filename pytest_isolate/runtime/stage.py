@@ -14,7 +14,7 @@ import dataclasses
 import os
 
 from . import mountinfo, paths, syscalls, tiny_init
-from .rootfs import (LAYERS, LOWER, SCRATCH, SOURCES, _bind, _Build, _join, _makedirs, _steps, _tmpfs, ordered,
+from .rootfs import (LAYERS, LOWER, SCRATCH, SNAPSHOTS, SOURCES, _bind, _Build, _join, _makedirs, _steps, _tmpfs, ordered,
                      pivot_into, source_path)
 from .syscalls import MS_BIND, MS_NODEV, MS_NOSUID, MS_RDONLY, MS_REC, MS_REMOUNT
 
@@ -108,6 +108,7 @@ def build_stage(
             _makedirs(target, owner)
             _bind(f"/proc/self/fd/{fd}", target, True, MS_NOSUID | MS_NODEV)
         _makedirs(_join(stage.root, SCRATCH), owner)
+        _makedirs(_join(stage.root, SNAPSHOTS), owner)
         _install_tiny_init(owner, stage.root)
         syscalls.mount(None, skeleton.root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
     finally:
