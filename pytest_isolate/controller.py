@@ -139,9 +139,10 @@ class Controller:
         return host
 
     def run(self, item: pytest.Item, nextitem: pytest.Item | None, settings: Settings,
-            services: list[dict] = ()) -> None:
+            services: list[dict] = (), log=None) -> None:
+        """Run ``item`` in a container; its reports go to pytest (or to ``log``)."""
         caps = settings_caps(settings)
-        replay = Replay(item, settings, *caps)
+        replay = Replay(item, settings, *caps, log=log)
         try:
             host = self.host_for(settings)
             replay.check_coverage = self.coverage.checker()

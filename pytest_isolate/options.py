@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 MODES = ("fork", "fresh")
 PULL_POLICIES = ("missing", "always", "never")
+MAX_FLAKE_RUNS = 100_000
 DEFAULT_HOSTNAME = "isolated"
 PID_MAX_LIMIT = 4194304  # the kernel's largest pids.max
 MAX_INT64 = (1 << 63) - 1
@@ -83,6 +84,7 @@ class Settings:
     allow: tuple[tuple[str, int, str, str], ...] = ()  # (address, port, protocol, host name or "")
     netem: tuple[tuple[str, float], ...] = ()
     outbound: bool = False
+    flake: int = 1  # runs of each test, each in a fresh container (flake.py)
 
     def image_key(self) -> str:
         """The image with the interpreter its container host runs: one host each."""
@@ -255,6 +257,18 @@ from .limit_options import (  # noqa: E402, F401 - parse_size and RLIMITS are us
 )
 
 
+def parse_flake(value: Any, base: str) -> int:
+    """How many times each test runs: 1 (the default: once) to MAX_FLAKE_RUNS."""
+    accepted = f"a number of runs from 1 (once, the default) to {MAX_FLAKE_RUNS}"
+    if value is None:
+        return 1
+    if isinstance(value, str) and re.fullmatch(r"\s*[0-9]{1,6}\s*", value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_FLAKE_RUNS:
+        raise OptionError(f"got {_show(value)}; accepted: {accepted}")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class Option:
     name: str  # the marker keyword
@@ -315,6 +329,8 @@ OPTIONS = (
            "and report section; the rest is cut off with a marker (default: 8m)", "SIZE"),
     Option("python", parse_python, "the interpreter the container host runs in an image: auto (default: "
            "the image's Python of pytest's version) or a path in the image", "auto|PATH"),
+    Option("flake", parse_flake, "run each test N times, each in a fresh container, and report its failure "
+           "rate and a verdict: stable, flaky or broken (default: 1, once)", "N"),
 )
 BY_NAME = {option.name: option for option in OPTIONS}
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import sys
 import warnings
 from typing import Any
 
 import pytest
 
-from . import limits, services, shared_support
+from . import flake, limits, services, shared_support
 from . import options as opts
 from .container_info import isolated_container  # noqa: F401 - the fixture, for every test
 
@@ -43,6 +44,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("isolate_insecure_registries", type="linelist", default=[],
                   help="registries (HOST[:PORT], one a line) reached over plain http or with an unverified "
                   "certificate, as Docker's insecure-registries (added to those of the command line)")
+    group.addoption("--isolate-flake-report", dest="isolate_flake_report", metavar="PATH", default=None,
+                    help="write each test's runs, failures, rate, interval and verdict of --isolate-flake as JSON")
+    parser.addini("isolate_flake_report", default=None, help="like --isolate-flake-report")
+    group.addoption("--isolate-flake-stop-early", dest="isolate_flake_stop_early", action="store_true",
+                    default=None, help="with --isolate-flake: stop a test's runs once it both passed and failed "
+                    "(flaky: the verdict cannot change)")
     for option in opts.OPTIONS:
         group.addoption(option.flag, dest=f"isolate_{option.name}", metavar=option.metavar,
                         action="append" if option.multiple else "store", default=None,
@@ -72,8 +79,11 @@ class IsolatePlugin:
     def __init__(self, config: pytest.Config, controller) -> None:
         self.config = config
         self.controller = controller
-        self.isolate_all = bool(config.getoption("isolate") or self._ini_switch())
         self.base_layers = [self._ini_layer(), self._cli_layer()]
+        # --isolate-flake=N (or its ini key) runs every test N times, each in a fresh container.
+        flaky_run = any(layer.get("flake", 1) > 1 for layer in self.base_layers)
+        self.isolate_all = bool(config.getoption("isolate") or self._ini_switch() or flaky_run)
+        self.flakes = flake.Summary()
         controller.pull_policy = self._pull_policy()
         controller.insecure_registries = self._insecure_registries()
         self.isolated_count = 0
@@ -227,7 +237,11 @@ class IsolatePlugin:
         if settings is None:
             return None
         item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-        self.controller.run(item, nextitem, settings, item.stash.get(services_key, []))
+        if settings.flake > 1:
+            flake.run(self.controller, item, nextitem, settings, item.stash.get(services_key, []),
+                      bool(self.config.getoption("isolate_flake_stop_early")))
+        else:
+            self.controller.run(item, nextitem, settings, item.stash.get(services_key, []))
         item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
         return True
 
@@ -246,7 +260,14 @@ class IsolatePlugin:
         self.controller.usages += [tuple(usage) for usage in output.get("isolate_usages", [])]
         self.teardown_errors += [f"[{worker}] {error}" for error in output.get("isolate_teardown_errors", [])]
 
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.flakes.logreport(report)
+
     def pytest_terminal_summary(self, terminalreporter) -> None:
+        if self.flakes.tests:
+            terminalreporter.write_sep("-", "pytest-isolate: flakiness (failed runs, 95% interval, verdict)")
+            for line in self.flakes.lines():
+                terminalreporter.write_line(line)
         lines = self.controller.summary_lines() + self.worker_lines
         if lines:
             terminalreporter.write_sep("-", "pytest-isolate")
@@ -273,6 +294,13 @@ class IsolatePlugin:
             workeroutput["isolate_summary"] = self.controller.summary_lines()
             workeroutput["isolate_usages"] = [list(usage) for usage in self.controller.usages]
             workeroutput["isolate_teardown_errors"] = list(self.controller.teardown_errors)
+        report_path = self.config.getoption("isolate_flake_report") or self.config.getini("isolate_flake_report")
+        if report_path and workeroutput is None:  # xdist's controller writes it for all workers
+            try:
+                self.flakes.write(os.path.join(str(self.config.invocation_params.dir), report_path))
+            except OSError as exc:
+                sys.stderr.write(f"ERROR: --isolate-flake-report: cannot write {report_path}: {exc.strerror}\n")
+                session.exitstatus = pytest.ExitCode.USAGE_ERROR
         # A shared fixture's teardown error fails the run, as a session fixture's does.
         if self.teardown_errors and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -22,7 +22,7 @@ import signal
 
 import pytest
 
-from . import boundary, hypothesis_support
+from . import boundary, flake, hypothesis_support
 from .options import Settings
 from .runtime import link
 
@@ -82,8 +82,11 @@ def _hint(report: pytest.TestReport, settings: Settings) -> str | None:
 
 
 class Replay:
-    def __init__(self, item: pytest.Item, settings: Settings, events_cap: int, capture_cap: int) -> None:
+    def __init__(self, item: pytest.Item, settings: Settings, events_cap: int, capture_cap: int,
+                 log=None) -> None:
         self.item = item
+        # Where the reports go: pytest's logreport, or a run's list (flake.py).
+        self.log = log or (lambda report: item.ihook.pytest_runtest_logreport(report=report))
         self.settings = settings
         self.config = item.config
         self.events_cap = events_cap
@@ -151,6 +154,9 @@ class Replay:
             # SubtestContext repr()s its kwargs again when deserialised: undo that.
             kwargs = boundary.mapping(checked["_subtest.context"], "a subtest").get("kwargs") or {}
             object.__setattr__(report.context, "kwargs", dict(boundary.mapping(kwargs, "a subtest's kwargs")))
+        # The flakiness figures are the controller's to write (flake.py): a test's own are dropped.
+        report.user_properties = [p for p in report.user_properties
+                                  if not (isinstance(p, (tuple, list)) and p and str(p[0]).startswith(flake.PREFIX))]
         self.reports.append(report)
 
     def event_warning(self, data) -> None:
@@ -287,7 +293,7 @@ class Replay:
             teardown = self.reports[-1]
         else:
             teardown = self._report_crash()
-        teardown = self._with_controller_teardown(teardown, nextitem)
+        teardown = with_controller_teardown(self.item, teardown, nextitem)
         if self.usage is not None:  # junitxml reads properties from the teardown report
             teardown.user_properties = list(teardown.user_properties) + self.usage.properties()
             # The report itself says it for limited tests (and with -vv), so that a
@@ -304,7 +310,7 @@ class Replay:
             hint = _hint(report, self.settings)
             if hint:
                 report.sections.append(("pytest-isolate hint", hint))
-        self.item.ihook.pytest_runtest_logreport(report=report)
+        self.log(report)
 
     def _report_tampering(self) -> pytest.TestReport:
         message = (f"pytest-isolate: {boundary.TAMPERED}: {self.tampered}. Its container was killed "
@@ -350,27 +356,28 @@ class Replay:
         if xml is not None:
             xml.add_global_property(name, value)
 
-    def _with_controller_teardown(self, teardown: pytest.TestReport, nextitem) -> pytest.TestReport:
-        """Tear down what plain tests set up here and ``nextitem`` does not need.
 
-        The container ran its own setup and teardown; this process only has to keep
-        pytest's SetupState in the shape it expects before the next item. An error
-        there belongs to this item's teardown, as it would in a plain run.
-        """
-        setupstate = getattr(self.item.session, "_setupstate", None)
-        if setupstate is None or not getattr(setupstate, "stack", True):
-            return teardown
+def with_controller_teardown(item: pytest.Item, teardown: pytest.TestReport, nextitem) -> pytest.TestReport:
+    """Tear down what plain tests set up here and ``nextitem`` does not need.
 
-        def controller_teardown():
-            __tracebackhide__ = True
-            setupstate.teardown_exact(nextitem)
-
-        info = pytest.CallInfo.from_call(controller_teardown, when="teardown")
-        if info.excinfo is None:
-            return teardown
-        report = self.item.ihook.pytest_runtest_makereport(item=self.item, call=info)
-        if teardown.passed:
-            report.sections = teardown.sections + report.sections
-            return report
-        teardown.sections.append(("teardown in the pytest process", str(report.longrepr)))
+    The container ran its own setup and teardown; this process only has to keep
+    pytest's SetupState in the shape it expects before the next item. An error
+    there belongs to this item's teardown, as it would in a plain run.
+    """
+    setupstate = getattr(item.session, "_setupstate", None)
+    if setupstate is None or not getattr(setupstate, "stack", True):
         return teardown
+
+    def controller_teardown():
+        __tracebackhide__ = True
+        setupstate.teardown_exact(nextitem)
+
+    info = pytest.CallInfo.from_call(controller_teardown, when="teardown")
+    if info.excinfo is None:
+        return teardown
+    report = item.ihook.pytest_runtest_makereport(item=item, call=info)
+    if teardown.passed:
+        report.sections = teardown.sections + report.sections
+        return report
+    teardown.sections.append(("teardown in the pytest process", str(report.longrepr)))
+    return teardown
