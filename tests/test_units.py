@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import struct
@@ -192,3 +193,28 @@ def test_without_the_tiny_init_a_forked_python_sleeper_is_pid_1() -> None:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_v1_memory_limit_waits_while_the_group_still_holds_more(tmp_path, monkeypatch) -> None:
+    """EBUSY: the previous test's mounts are released by deferred kernel work, their
+    pages charged until then; the write is tried again until it holds or time is up."""
+    from pytest_isolate.runtime import cgroups
+
+    limit = tmp_path / "memory.limit_in_bytes"
+    (tmp_path / "memory.usage_in_bytes").write_text("99999999\n")
+    refusals = [3]
+    real_write = cgroups._write
+
+    def busy_then_fine(path, value):
+        if refusals[0]:
+            refusals[0] -= 1
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        real_write(path, value)
+
+    monkeypatch.setattr(cgroups, "_write", busy_then_fine)
+    cgroups._write_memory_limit(str(limit), 67108864)
+    assert limit.read_text() == "67108864" and refusals == [0]
+    refusals[0] = 10 ** 9
+    monkeypatch.setattr(cgroups, "BUSY_DEADLINE", 0.05)
+    with pytest.raises(OSError, match="the memory limit 1 is below the 99999999 bytes its group still holds"):
+        cgroups._write_memory_limit(str(limit), 1)

@@ -63,6 +63,31 @@ def _write(path: str, value: object) -> None:
         f.write(str(value))
 
 
+# How long a lower v1 memory limit may wait for the previous test's pages to go.
+BUSY_DEADLINE = 10.0
+
+
+def _write_memory_limit(path: str, value: object) -> None:
+    """A v1 memory limit: the kernel refuses one below what the group still holds
+    (EBUSY) until it can reclaim it. The previous test's processes are gone by now,
+    but its mounts (a tmpfs /tmp, the overlay's upper layer) are released by the
+    kernel's deferred work a moment later, and their pages stay charged till then."""
+    deadline, delay = time.monotonic() + BUSY_DEADLINE, 0.002
+    while True:
+        try:
+            _write(path, value)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                if exc.errno == errno.EBUSY:
+                    held = _read(os.path.join(os.path.dirname(path), "memory.usage_in_bytes"))
+                    raise OSError(errno.EBUSY, f"the memory limit {value} is below the {held} bytes its group "
+                                  f"still holds after {BUSY_DEADLINE:g} s") from None
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
 def _keyed(path: str) -> dict[str, int]:
     """Files of ``key value`` lines (memory.events, cpu.stat, memory.oom_control)."""
     result = {}
@@ -113,9 +138,9 @@ class V1Group:
         # memsw must stay >= memory: widen it first, narrow it last.
         if has_swap_accounting:
             _write(memsw, -1)
-        _write(self._file("memory", "memory.limit_in_bytes"), memory)
+        _write_memory_limit(self._file("memory", "memory.limit_in_bytes"), memory)
         if has_swap_accounting and swap != -1:
-            _write(memsw, swap)
+            _write_memory_limit(memsw, swap)
         quota = -1 if limits.cpus is None else max(int(limits.cpus * CFS_PERIOD_US), 1000)
         _write(self._file("cpu", "cpu.cfs_period_us"), CFS_PERIOD_US)
         _write(self._file("cpu", "cpu.cfs_quota_us"), quota)
