@@ -14,7 +14,7 @@ from pytest_isolate.runtime import link, namespaces, syscalls
 def test_a_registered_message_passes_with_exactly_its_fields() -> None:
     assert link.check(("reap", {"pid": 7}), ("reap",)) == ("reap", {"pid": 7})
     fields = {"id": 1, "mounts": [], "hostname": "h", "network": "none", "hosts": [], "host_number": None,
-              "watch_ports": False, "allow": [], "netem": [], "outbound": False}
+              "watch_ports": False, "allow": [], "netem": [], "outbound": False, "snapshot": None}
     assert link.message("build", **fields) == ("build", fields)
 
 
