@@ -26,7 +26,8 @@ COMBINATIONS=(
 # depends on pytest's internals (report serialisation, fixtures, collection) and on the
 # interpreter.
 SELECTION=(tests/test_reports.py tests/test_modes.py tests/test_fixtures.py tests/test_messages.py
-           tests/test_link.py tests/test_units.py tests/test_seam.py tests/test_shared_fixtures.py)
+           tests/test_link.py tests/test_units.py tests/test_seam.py tests/test_shared_fixtures.py
+           tests/test_flake.py)
 
 only=
 case ${1:-} in
