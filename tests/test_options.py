@@ -67,7 +67,7 @@ def test_help_shows_one_isolate_group_with_every_option(run) -> None:
              "--isolate-memory-swap", "--isolate-cpus", "--isolate-pids", "--isolate-ulimit",
              "--isolate-limits", "--isolate-capture-limit", "--isolate-usage", "--isolate-pull", "--isolate-python",
              "--isolate-network", "--isolate-allow", "--isolate-netem", "--isolate-outbound",
-             "--isolate-insecure-registry"]
+             "--isolate-insecure-registry", "--isolate-flake", "--isolate-flake-report", "--isolate-flake-stop-early"]
     defined = [re.match(r"^\s+(--[\w-]+)", line).group(1) for line in group if re.match(r"^\s+--", line)]
     assert sorted(defined) == sorted(flags)
     # No isolate option is defined outside the group.
