@@ -103,3 +103,30 @@ def test_outbound_is_gone_with_the_run(pytester) -> None:
 def test_a_bad_outbound_is_a_usage_error(pytester, run, value) -> None:
     error = marker_usage_error(pytester, run, outbound=value)
     assert "invalid 'outbound'" in error and "accepted: True or False" in error
+
+
+def test_outbound_is_gone_after_a_sigkilled_pytest(pytester, tmp_path) -> None:
+    """A SIGKILLed pytest takes its relay with it (parent-death signals), and the
+    relay's slirp4netns follows through its exit fd: none is left on the machine."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    gate.chmod(0o777)  # as root, container root is an unprivileged uid
+    pytester.makepyfile(test_kill=f"""
+        import select, pytest
+
+        @pytest.mark.isolated(outbound=True, mounts=["{gate}:/gate:rw"])
+        def test_waits():
+            open("/gate/started", "w").close()
+            select.select([], [], [])  # until pytest is killed
+    """)
+    before = find_processes_named("slirp4netns")
+    inner = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *SUITE_MODE_ARGS],
+                             cwd=pytester.path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert not wait_for(lambda: not (gate / "started").exists() and inner.poll() is None, 120)
+        assert (gate / "started").exists(), "the test never started"
+        assert [p for p in find_processes_named("slirp4netns") if p not in before], "no slirp4netns ran"
+    finally:
+        inner.kill()
+        inner.wait()
+    assert wait_for(lambda: [p for p in find_processes_named("slirp4netns") if p not in before], 30) == []

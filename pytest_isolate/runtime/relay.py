@@ -73,13 +73,22 @@ def _outbound(fds: list[int], slirp4netns: str | None, containers, lock) -> str 
         if slirp4netns is None:
             return "outbound=True needs slirp4netns (Debian: apt install slirp4netns)"
         ready_r, ready_w = os.pipe()
+        # Its exit fd: the read end of a pipe whose only write end this relay holds,
+        # so that slirp4netns ends with the relay however the relay ends (a SIGKILLed
+        # pytest takes the launcher and the relay along by parent-death signals).
+        exit_r, exit_w = os.pipe()
         try:
             command = [slirp4netns, "--configure", "--mtu=65520", "--disable-host-loopback", f"--ready-fd={ready_w}",
-                       "--netns-type=path", f"/proc/self/fd/{netns}", "tap0"]
-            child = subprocess.Popen(command, pass_fds=(netns, ready_w), stdin=subprocess.DEVNULL,
+                       f"--exit-fd={exit_r}", "--netns-type=path", f"/proc/self/fd/{netns}", "tap0"]
+            child = subprocess.Popen(command, pass_fds=(netns, ready_w, exit_r), stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        except BaseException:
+            os.close(exit_w)
+            raise
         finally:
             os.close(ready_w)
+            os.close(exit_r)
+        child.exit_w = exit_w  # closed by _end
         try:
             if not select.select([ready_r], [], [], 30)[0] or os.read(ready_r, 1) != b"1":
                 _end(child)
@@ -99,6 +108,7 @@ def _outbound(fds: list[int], slirp4netns: str | None, containers, lock) -> str 
 def _end(child: subprocess.Popen) -> None:
     child.kill()
     child.wait()
+    os.close(child.exit_w)
 
 
 def _add(targets: list, fds: list[int], allowed, containers, lock) -> None:
