@@ -79,7 +79,7 @@ def _allow_entry(entry: str, accepted: str) -> list[tuple[str, int, str, str]]:
             ips = [ipaddress.ip_address(a) for a in _resolve(name)]
         except OSError as exc:
             raise OptionError(f"got {_show(entry)}: {name} does not resolve on this machine "
-                              f"({getattr(exc, 'strerror', None) or exc}); name an IP address instead, or a host "
+                              f"({getattr(exc, 'strerror', None) or exc}); accepted: an IP address, or a host name "
                               "this machine resolves (/etc/hosts, DNS)") from None
     for ip in ips:
         if ip.is_unspecified or ip.is_multicast:

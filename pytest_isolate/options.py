@@ -92,6 +92,8 @@ class Settings:
 
     def problem(self) -> tuple[str, str] | None:
         """(option, why) when options that are fine alone do not fit together."""
+        if self.python != "auto" and self.image == "host":
+            return "python", "python= picks an interpreter inside an image; the host image runs pytest's own"
         if self.netem and self.network == "none":
             return "netem", "it shapes a private network's traffic: name one too, e.g. network='backend'"
         if self.memory_swap not in (None, -1):

@@ -111,6 +111,7 @@ VALID_TEXT = {  # single-line strings, as the command line and ini files give th
     "outbound": st.sampled_from(["yes", "no", "true", "false", "on", "off", "1", "0"]),
     "netem": st.sampled_from(["delay=50ms", "loss=2%", "rate=1mbit", "delay=1s", "rate=500kbit"]),
     "network": st.sampled_from(["none", "backend"]) | st.from_regex(r"[a-z0-9][a-z0-9_.-]{0,12}", fullmatch=True),
+    "flake": st.integers(1, 3).map(str),  # runs of the inner test: few, the runs are real
 }
 VALID = {**VALID_TEXT,  # and what a marker can give too
          "timeout": st.one_of(st.none(), st.just(0), positive, VALID_TEXT["timeout"]),
@@ -122,6 +123,7 @@ VALID = {**VALID_TEXT,  # and what a marker can give too
          "memory_swap": VALID_TEXT["memory_swap"] | st.none() | st.integers(1, 1 << 40) | st.just(-1),
          "cpus": st.none() | cpus | cpus.map(str), "pids": st.none() | st.integers(2, 10**6) | VALID_TEXT["pids"],
          "capture_limit": VALID_TEXT["capture_limit"] | st.none() | st.integers(4096, 1 << 30),
+         "flake": VALID_TEXT["flake"] | st.integers(1, 3),
          "ulimits": ulimit | st.lists(ulimit, max_size=3) | st.dictionaries(st.sampled_from(opts.RLIMITS),
                                                                             limit | soft_hard, max_size=3)}
 
@@ -182,9 +184,11 @@ def check_shape(name: str, got) -> None:
         assert type(got) is int and 4096 <= got <= 1 << 30
     elif name == "allow":
         assert isinstance(got, tuple) and len(set(got)) == len(got) <= 14
-        assert all(proto in ("tcp", "udp") and 0 < port < 65536 for _, port, proto in got)
+        assert all(proto in ("tcp", "udp") and 0 < port < 65536 for _, port, proto, _ in got)
     elif name == "outbound":
         assert got in (True, False)
+    elif name == "flake":
+        assert type(got) is int and 1 <= got <= opts.MAX_FLAKE_RUNS
     elif name == "netem":
         assert isinstance(got, tuple) and all(k in ("delay", "jitter", "loss", "rate") for k, _ in got)
     elif name == "network":
@@ -210,7 +214,7 @@ def unparse(name: str, got):
         units = {"delay": "us", "jitter": "us", "loss": "%", "rate": "bit"}
         return {key: f"{number!r}{units[key]}" for key, number in got}
     if name == "allow":
-        return [f"[{host}]:{port}/{proto}" if ":" in host else f"{host}:{port}/{proto}" for host, port, proto in got]
+        return [f"[{host}]:{port}/{proto}" if ":" in host else f"{host}:{port}/{proto}" for host, port, proto, _ in got]
     return list(got) if isinstance(got, tuple) else got
 
 

@@ -213,8 +213,8 @@ def test_by_hand():
     pytester.makepyfile(test_python="def test_plain():\n    pass\n")
     bad = run("--isolate-python=/usr/bin/python3", "--isolate")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
-    bad.stderr.fnmatch_lines(["*invalid 'python': python= picks an interpreter inside an image; the host image "
-                              "runs pytest's own"])
+    bad.stderr.fnmatch_lines(["*invalid 'python' (from command line --isolate-python): python= picks an interpreter "
+                              "inside an image; the host image runs pytest's own"])
 
 
 def test_a_deep_image_of_more_layers_than_one_page_of_mount_options_names(pytester, run, tmp_path, python_root,
