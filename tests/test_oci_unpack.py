@@ -248,3 +248,31 @@ def test_a_parent_no_member_names_belongs_to_the_image_root(tmp_path) -> None:
     assert stat.S_IMODE((root / "opt").stat().st_mode) == 0o700  # named by a later member
     # The two implicit directories, and only they, went through the mapping as root.
     assert sorted(mapped) == [(0, 0), (0, 0), (1000, 1000), (1000, 1000), (1000, 1000)]
+
+
+def test_the_subordinate_range_helpers_answer_is_checked_never_unpickled(tmp_path) -> None:
+    """The helper child unpacks untrusted layers: what it sends back is small JSON of
+    a fixed shape (a result, or an exception by its class's name and words); anything
+    else, a pickle above all, is refused without being run."""
+    from pytest_isolate.oci import in_namespace, store as store_module
+
+    function = store_module.measure_and_remove
+    assert in_namespace.answer(b'{"result": 4096}', function) == 4096
+    assert in_namespace.answer(b'{"result": null}', function) is None
+    with pytest.raises(StoreError, match="^a layer: refused: bad$"):
+        in_namespace.answer(b'{"error": "StoreError", "words": "a layer: refused: bad", "errno": null, '
+                            b'"filename": null}', function)
+    with pytest.raises(PermissionError) as raised:
+        in_namespace.answer(b'{"error": "PermissionError", "words": "Permission denied", "errno": 13, '
+                            b'"filename": "/x"}', function)
+    assert (raised.value.errno, raised.value.filename) == (13, "/x")
+    with pytest.raises(OSError, match="KeyboardInterrupt: stop"):
+        in_namespace.answer(b'{"error": "KeyboardInterrupt", "words": "stop", "errno": null, "filename": null}',
+                            function)
+    witness = tmp_path / "ran"
+    hostile = b"cos\nsystem\n(S'touch " + str(witness).encode() + b"'\ntR."
+    for data in (hostile, b'{"result": true}', b'{"result": "x"}', b'{"result": 1, "more": 2}',
+                 b'{"error": "StoreError", "words": 5, "errno": null, "filename": null}', b"[1]"):
+        with pytest.raises(OSError, match="sent a broken answer"):
+            in_namespace.answer(data, function)
+    assert not witness.exists()

@@ -5,13 +5,17 @@ files belong to host ids of the range, which the user may not chown to, nor dele
 once a directory of theirs is not the user's. Container root of a ranged user
 namespace may do both (as ``podman unshare``): unpacking and removing such files run
 in a forked child that entered one (subids.enter_ranged), with the same mapping the
-containers get. Its result, or its exception, comes back pickled.
+containers get. Its result, or its exception, comes back as a small JSON answer,
+checked here: the child handles a layer of an untrusted image, so nothing it sends
+is unpickled or evaluated; an exception is rebuilt from its class's name (looked up
+among the called function's module's, or OSError by its errno) and its words.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
-import pickle
 from typing import Any, BinaryIO, Callable
 
 from ..runtime import process, subids
@@ -60,25 +64,42 @@ class Namespace:
         if failure is not None:
             raise failure
         if not data or len(data) > _MAX_ANSWER:
-            raise OSError(5, f"the subordinate-range helper process died (status {status:#x})")
-        ok, value = pickle.loads(data)  # our own child's: trusted as this process is
-        if ok == "unpicklable":
-            raise _rebuilt(function, *value)
-        if not ok:
-            raise value
-        return value
+            raise OSError(errno.EIO, f"the subordinate-range helper process died (status {status:#x})")
+        return answer(data, function)
 
 
-def _rebuilt(function: Callable[..., Any], name: str, message: str) -> BaseException:
-    """The child's exception that pickle could not name: its class is looked up in
-    ``function``'s own module (a class pickle cannot find by its module's name, as when
-    that module was imported again since, is still the one its code raises)."""
+def answer(data: bytes, function: Callable[..., Any]) -> Any:
+    """The child's answer: its result (an int or None: what the store's functions
+    return), or its exception raised here. Anything else is a broken helper."""
+    try:
+        message = json.loads(data)
+    except ValueError:
+        message = None
+    if isinstance(message, dict) and set(message) == {"result"}:
+        result = message["result"]
+        if result is None or (isinstance(result, int) and not isinstance(result, bool)):
+            return result
+    elif isinstance(message, dict) and set(message) == {"error", "words", "errno", "filename"}:
+        name, words, number, filename = message["error"], message["words"], message["errno"], message["filename"]
+        if isinstance(name, str) and isinstance(words, str) and (number is None or type(number) is int) and \
+                (filename is None or isinstance(filename, str)):
+            raise _rebuilt(function, name, words[:4096], number, filename)
+    raise OSError(errno.EIO, "the subordinate-range helper process sent a broken answer")
+
+
+def _rebuilt(function: Callable[..., Any], name: str, words: str, number: int | None,
+             filename: str | None) -> BaseException:
+    """The child's exception: a class of ``function``'s own module by its name (e.g.
+    the store's StoreError), an OSError by its errno (PermissionError for EACCES, as
+    the child's was), else an OSError that says what it was."""
     kind = getattr(function, "__globals__", {}).get(name)
-    if isinstance(kind, type) and issubclass(kind, Exception):
+    if isinstance(kind, type) and issubclass(kind, Exception) and not issubclass(kind, OSError):
         with_message = kind.__new__(kind)
-        Exception.__init__(with_message, message)
+        Exception.__init__(with_message, words)
         return with_message
-    return OSError(5, message)
+    if number is not None:
+        return OSError(number, words, filename) if filename is not None else OSError(number, words)
+    return OSError(errno.EIO, f"{name}: {words}")
 
 
 def _pump(stream: BinaryIO, fd: int) -> None:
@@ -106,15 +127,19 @@ def _child(parent, answer_r, answer_w, feed_r, feed_w, function, args) -> None:
         process.die_with_parent(parent)  # set after the uid change, which clears it
         if feed_r is not None:
             with os.fdopen(feed_r, "rb") as reader:
-                result = (True, function(reader, *args))
+                result = {"result": function(reader, *args)}
         else:
-            result = (True, function(*args))
+            result = {"result": function(*args)}
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the caller
-        result = (False, exc)
+        is_os = isinstance(exc, OSError) and exc.errno is not None
+        result = {"error": type(exc).__name__, "words": (exc.strerror if is_os else str(exc))[:4096],
+                  "errno": exc.errno if is_os else None,
+                  "filename": str(exc.filename) if is_os and exc.filename is not None else None}
     try:
-        data = pickle.dumps(result)
-    except Exception:  # an unpicklable exception: its class's name and its words
-        data = pickle.dumps(("unpicklable", (type(result[1]).__name__, str(result[1])[:2000])))
+        data = json.dumps(result).encode()
+    except (TypeError, ValueError):  # a result the store's functions never give
+        data = json.dumps({"error": "TypeError", "words": "an answer that is not JSON", "errno": None,
+                           "filename": None}).encode()
     try:
         os.write(answer_w, data)  # a pipe write is whole up to its buffer; answers are small
     finally:
