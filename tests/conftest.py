@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import subprocess
+import textwrap
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -86,6 +87,15 @@ def marker_usage_error(pytester: pytest.Pytester, run, **marker) -> str:
     result = run()
     assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str()
     return result.stderr.str()
+
+
+def module_usage_error(pytester: pytest.Pytester, run, source: str) -> str:
+    """A test module whose import raises a usage error (e.g. a bad service()): it must
+    fail the run; what pytest wrote (its collection error, on stdout, or on stderr)."""
+    pytester.makepyfile(test_bad=textwrap.dedent(source))
+    result = run()
+    assert result.ret not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED), result.stdout.str()
+    return result.stdout.str() + result.stderr.str()
 
 
 def wait_for(probe, timeout: float):

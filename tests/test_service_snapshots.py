@@ -5,6 +5,7 @@ nothing left after the run, however it ends."""
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import time
 import pytest
 
 import imagebuild
-from conftest import SUITE_MODE_ARGS, find_processes, read_quietly, wait_for
+from conftest import SUITE_MODE_ARGS, find_processes, module_usage_error, read_quietly, wait_for
 from test_services import PG_BIN
 
 PY = sys.executable
@@ -181,7 +182,7 @@ def test_a_service_that_stops_with_an_error_fails_its_tests(pytester, run) -> No
     ('isolate.snapshot(stop_timeout=0)', "*stop_timeout: got 0; accepted: seconds, 0 to 3600*"),
 ])
 def test_bad_snapshot_arguments_are_errors_that_say_what_is_accepted(pytester, run, call, message) -> None:
-    pytester.makepyfile(test_bad=f"""
+    error = module_usage_error(pytester, run, f"""
         import pytest_isolate as isolate
 
         svc = {call}
@@ -189,10 +190,7 @@ def test_bad_snapshot_arguments_are_errors_that_say_what_is_accepted(pytester, r
         def test_it():
             pass
     """)
-    result = run()
-    assert result.ret != 0
-    (result.stdout.fnmatch_lines if "ERROR collecting" in result.stdout.str() else result.stderr.fnmatch_lines)(
-        [message])
+    assert fnmatch.fnmatchcase(error, message), error
 
 
 def _snapshot_mounts() -> list[int]:

@@ -4,6 +4,7 @@ are gone after the run, however it ends."""
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
 import socket
@@ -15,7 +16,7 @@ import pytest
 
 from pytest_isolate.runtime import subids
 
-from conftest import SUITE_MODE_ARGS, find_processes, wait_for
+from conftest import SUITE_MODE_ARGS, find_processes, module_usage_error, wait_for
 
 PY = sys.executable
 
@@ -200,7 +201,7 @@ def test_a_plain_test_cannot_use_a_service(pytester, run) -> None:
     ('isolate.log("(")', "*pytest_isolate.log(): '(' is not a regular expression*"),
 ])
 def test_bad_service_arguments_are_errors_that_say_what_is_accepted(pytester, run, call, message) -> None:
-    pytester.makepyfile(test_bad=f"""
+    error = module_usage_error(pytester, run, f"""
         import pytest_isolate as isolate
 
         svc = {call}
@@ -208,10 +209,7 @@ def test_bad_service_arguments_are_errors_that_say_what_is_accepted(pytester, ru
         def test_it():
             pass
     """)
-    result = run()
-    assert result.ret != 0
-    (result.stdout.fnmatch_lines if "ERROR collecting" in result.stdout.str() else result.stderr.fnmatch_lines)(
-        [message])
+    assert fnmatch.fnmatchcase(error, message), error
 
 
 PROBE = """
