@@ -20,7 +20,6 @@ from .limits import Limiter, human
 from .options import Settings
 from .replay import Replay
 from .runtime import paths
-from .services import DEFAULT_NETWORK as SERVICES_NETWORK, specs_for as services_of
 
 
 class Controller:
@@ -87,11 +86,8 @@ class Controller:
                 target[:3] for target in settings.allow)
             if settings.outbound:
                 self.outbound[(settings.mode, settings.image_key())] = _slirp4netns(item)
-            network = settings.network
-            if network == "none" and services_of(item):  # its services' network
-                network = SERVICES_NETWORK
-            if network != "none":  # made ahead by the factory (factory.serve)
-                self.networks.setdefault((settings.mode, settings.image_key()), set()).add(network)
+            if settings.network != "none":  # made ahead by the factory (factory.serve)
+                self.networks.setdefault((settings.mode, settings.image_key()), set()).add(settings.network)
             try:
                 self.image(settings.image_key())
             except images.ImageProblem as exc:
