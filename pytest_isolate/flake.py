@@ -124,8 +124,9 @@ def run(controller, item: pytest.Item, nextitem: pytest.Item | None, settings, s
     if not kept or kept[-1].when != "teardown":  # cannot happen: every run ends with its teardown
         raise RuntimeError(f"pytest-isolate: the runs of {item.nodeid} left no teardown report")
     teardown = with_controller_teardown(item, kept[-1], nextitem)
-    teardown.user_properties = list(teardown.user_properties) + tally.properties()
-    props = dict(tally.properties())
+    figures = tally.properties()
+    teardown.user_properties = list(teardown.user_properties) + figures
+    props = dict(figures)
     section = ("pytest-isolate flakiness", describe(props) + (
         f"; the report is run {tally.first_failure}'s" if tally.first_failure else ""))
     failed = next((report for report in kept[:-1] + [teardown] if report.failed), teardown)
